@@ -1,0 +1,40 @@
+# Everything runs from .venv (Python >= 3.12, pinned dependencies).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Find a Python >= 3.12: PYTHON=..., python3.13/3.12 on PATH, or pyenv's.
+PYTHON ?= $(shell for p in python3.13 python3.12 $$HOME/.pyenv/versions/3.13*/bin/python3 $$HOME/.pyenv/versions/3.12*/bin/python3 /root/.pyenv/versions/3.12*/bin/python3 python3; do \
+	  if command -v $$p >/dev/null 2>&1 && PYENV_VERSION= $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then command -v $$p; break; fi; done)
+
+.PHONY: install run test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -n "$(PYTHON)" || { echo "error: Python >= 3.12 not found; install it or run make PYTHON=/path/to/python3.12"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+run: install
+	$(PY) -m addon run
+
+test: install
+	$(PY) -m ruff check addon tests bench
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Throughput, time to first streamed chunk and memory against plain mitmdump;
+# then the soak run (bench/soak.py) when present.
+bench: install
+	$(PY) bench/bench.py $(BENCH_ARGS)
+	@if [ -f bench/soak.py ]; then $(PY) bench/soak.py $(SOAK_ARGS); fi
+
+lint: install
+	$(PY) -m ruff check addon tests bench
+	$(PY) -m ruff format --check addon tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,468 @@
+"""The mitmproxy addon that meters OpenAI calls: one row per exchange.
+
+Hooks stay small and never block: the request is inspected (and, for
+Chat/Completions streams, asked for a usage chunk), SSE responses are
+tapped chunk by chunk without buffering, and the finished row goes to the
+writer thread.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+from . import config as config_mod
+from . import meter
+from .decoding import decoder_for
+from .pools import PoolMatcher
+from .sse import SSEOverflow, SSEParser
+from .store import Writer
+from .windows import iso_utc, local_day
+
+log = logging.getLogger(__name__)
+
+# Requests larger than this are not JSON-parsed on the event loop; the
+# model and stream flag are read with a cheap scan instead.
+MAX_PARSED_REQUEST = 8 * 1024 * 1024
+# Responses larger than this are recorded without usage rather than parsed.
+MAX_PARSED_RESPONSE = 64 * 1024 * 1024
+
+# Endpoints whose successful answers carry usage.
+USAGE_ENDPOINTS = frozenset(
+    {
+        "chat.completions",
+        "completions",
+        "responses",
+        "embeddings",
+        "audio.transcriptions",
+        "audio.translations",
+        "images.generations",
+        "images.edits",
+    }
+)
+
+
+@dataclass(slots=True)
+class Call:
+    """What the proxy knows about one metered exchange so far."""
+
+    started: float
+    host: str
+    method: str
+    path: str
+    endpoint: meter.Endpoint
+    request: meter.RequestFacts
+    key_id: str | None = None
+    key_hint: str | None = None
+    label: str | None = None
+    project: str | None = None
+    user_agent: str | None = None
+    pool: str | None = None
+    streamed: bool = False
+    stream: "StreamTap | None" = None
+    blocked: bool = False
+    block_message: str | None = None
+    finished: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # for other addons (reservations)
+
+
+class StreamTap:
+    """`flow.response.stream` callable: forwards bytes, reads usage on the way.
+
+    Without stripping, every chunk is returned unchanged at once and a copy is
+    parsed. With stripping (the proxy added `include_usage`), complete events
+    are forwarded as soon as their blank line arrives, except the injected
+    usage-only chunk.
+    """
+
+    __slots__ = ("meter", "parser", "decoder", "strip", "broken", "first_byte")
+
+    def __init__(self, strip: bool, content_encoding: str | None, max_buffer: int) -> None:
+        self.meter = meter.StreamMeter(strip_usage_chunk=strip)
+        self.parser = SSEParser(max_buffer=max_buffer)
+        self.decoder = decoder_for(content_encoding)
+        # Events can only be cut out of an uncompressed stream.
+        self.strip = strip and (content_encoding or "").strip().lower() in ("", "identity")
+        self.broken: str | None = None if self.decoder else f"unknown content-encoding {content_encoding!r}"
+        self.first_byte: float | None = None
+
+    def __call__(self, data: bytes) -> bytes | list[bytes]:
+        if self.first_byte is None and data:
+            self.first_byte = time.time()
+        if self.broken is not None:
+            return data
+        if self.strip:
+            return self._strip(data)
+        try:
+            for event in self._events(data):
+                self.meter.observe(event)
+        except SSEOverflow as exc:
+            self.parser.drain()
+            self._give_up(str(exc))
+        except Exception as exc:  # a parser bug must never break the stream
+            self._give_up(f"stream parsing failed: {exc!r}")
+        return data
+
+    def _events(self, data: bytes):
+        assert self.decoder is not None
+        if data:
+            return self.parser.feed(self.decoder.decompress(data))
+        return self.parser.close()
+
+    def _strip(self, data: bytes) -> list[bytes]:
+        try:
+            events = self._events(data)
+        except Exception as exc:  # overflow (or a bug): hand back what is held
+            self._give_up(str(exc) if isinstance(exc, SSEOverflow) else f"stream parsing failed: {exc!r}")
+            return [self.parser.drain()]
+        out: list[bytes] = []
+        for event in events:
+            keep = True
+            if self.broken is None:
+                try:
+                    keep = self.meter.observe(event)
+                except Exception as exc:
+                    self._give_up(f"stream parsing failed: {exc!r}")
+            if keep:
+                out.append(event.raw)
+        if self.broken is not None:
+            out.append(self.parser.drain())
+        return out
+
+    def _give_up(self, reason: str) -> None:
+        self.broken = reason
+        log.warning("usage: %s; forwarding the rest of the stream untouched", reason)
+
+
+class UsageMeter:
+    """Records every call to the metered hosts as one row in `requests`."""
+
+    def __init__(self) -> None:
+        self.config: config_mod.Config | None = None
+        self.matcher: PoolMatcher | None = None
+        self.writer: Writer | None = None
+        self.hosts: list[str] = []
+        self.calls: dict[str, Call] = {}
+        self.counted_responses: OrderedDict[str, None] = OrderedDict()
+        self.listeners: list[Any] = []  # objects with on_row(call, row) (enforcement, alerts)
+        self.prepare_rows: Any = None  # set by the pricing addon
+        self.after_commit: Any = None
+        self.max_sse_buffer = 16 * 1024 * 1024
+
+    # -- options -----------------------------------------------------------
+    def load(self, loader) -> None:
+        loader.add_option("usage_db", str, "usage.db", "SQLite file that receives one row per metered call (WAL mode).")
+        loader.add_option(
+            "usage_config", str, "", "TOML file with pools, limits, keys, alerts and prices; empty for the bundled default."
+        )
+        loader.add_option(
+            "usage_hosts",
+            str,
+            "api.openai.com",
+            "Comma-separated hosts to meter; wildcards like *.openai.azure.com allowed. Other traffic passes untouched.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "usage_config" in updated or self.config is None:
+            try:
+                self.config = config_mod.load(ctx.options.usage_config or None)
+            except config_mod.ConfigError as exc:
+                raise exceptions.OptionsError(str(exc)) from None
+            self.matcher = PoolMatcher(self.config)
+        if "usage_hosts" in updated or not self.hosts:
+            hosts = [h.strip().lower() for h in ctx.options.usage_hosts.split(",") if h.strip()]
+            if not hosts:
+                raise exceptions.OptionsError("usage_hosts: give at least one host, e.g. api.openai.com")
+            self.hosts = hosts
+        if "usage_db" in updated or self.writer is None:
+            if not ctx.options.usage_db:
+                raise exceptions.OptionsError("usage_db: give a path for the SQLite database")
+            old = self.writer
+            self.writer = Writer(ctx.options.usage_db, prepare=self._prepare, after_commit=self._after_commit)
+            if old is not None:
+                old.close()
+
+    def _prepare(self, rows: list[dict[str, Any]]) -> None:
+        if self.prepare_rows is not None:
+            self.prepare_rows(rows)
+
+    def _after_commit(self, db, rows) -> None:
+        if self.after_commit is not None:
+            self.after_commit(db, rows)
+
+    def done(self) -> None:
+        for flow_id, call in list(self.calls.items()):
+            # Flows still open at shutdown: record what is known.
+            self._emit(call, None, "aborted", error="proxy shut down before the exchange finished")
+        self.calls.clear()
+        if self.writer is not None:
+            self.writer.flush(timeout=30)
+            self.writer.close()
+
+    # -- hooks -------------------------------------------------------------
+    def is_metered(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        return any(host == pattern or fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not self.is_metered(flow.request.pretty_host):
+            return
+        call = self._inspect(flow)
+        self.calls[flow.id] = call
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        call = self.calls.get(flow.id)
+        response = flow.response
+        if call is None or response is None or call.blocked:
+            return
+        content_type = response.headers.get("content-type", "")
+        if "text/event-stream" not in content_type.lower():
+            return
+        strip = call.extra.get("injected_usage", False) and "content-length" not in response.headers
+        call.streamed = True
+        call.stream = StreamTap(strip, response.headers.get("content-encoding"), self.max_sse_buffer)
+        response.stream = call.stream
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        call = self.calls.pop(flow.id, None)
+        if call is None or flow.response is None:
+            return
+        try:
+            self._finish(call, flow)
+        except Exception as exc:  # never let a bug break the proxy
+            log.exception("usage: recording %s %s failed", call.method, call.path)
+            self._emit(call, flow, "no_usage", error=f"internal error: {exc!r}")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        call = self.calls.pop(flow.id, None)
+        if call is None:
+            return
+        message = flow.error.msg if flow.error else "connection error"
+        if call.blocked:
+            self._emit(call, flow, "blocked", error=call.block_message)
+            return
+        facts = self._stream_facts(call)
+        outcome = "aborted"
+        if flow.response is None and not _client_went_away(message):
+            outcome = "error"  # upstream failed before answering
+        self._emit(call, flow, outcome, facts=facts, error=message)
+
+    # -- internals ---------------------------------------------------------
+    def _inspect(self, flow: http.HTTPFlow) -> Call:
+        req = flow.request
+        endpoint = meter.classify(req.method, req.path)
+        raw = req.raw_content or b""
+        content_type = req.headers.get("content-type", "").lower()
+        facts = meter.RequestFacts(input_chars=len(raw))
+        body_obj: Any = None
+        if raw and "json" in content_type or (raw[:1] in (b"{", b"[") and "multipart" not in content_type):
+            try:
+                body = req.get_content(strict=True) or b""
+            except ValueError:
+                body = b""
+                log.warning("usage: cannot decode %s request body (content-encoding %r)", req.path, req.headers.get("content-encoding"))
+            if len(body) <= MAX_PARSED_REQUEST:
+                body_obj = meter.parse_json(body)
+                facts = meter.facts_from_request(body_obj, len(body))
+            else:
+                facts = _scan_request(body)
+        elif "multipart/form-data" in content_type:
+            facts = _scan_multipart(raw)
+        key = meter.credential(req.headers)
+        call = Call(
+            started=req.timestamp_start or time.time(),
+            host=req.pretty_host,
+            method=req.method,
+            path=req.path.split("?", 1)[0][:500],
+            endpoint=endpoint,
+            request=facts,
+            key_id=meter.key_id(key) if key else None,
+            key_hint=meter.key_hint(key) if key else None,
+            project=req.headers.get("openai-project"),
+            user_agent=(req.headers.get("user-agent") or "")[:200] or None,
+        )
+        model = facts.model or endpoint.deployment
+        assert self.matcher is not None and self.config is not None
+        call.pool = self.matcher.pool_for(model) if model or endpoint.name in USAGE_ENDPOINTS else None
+        rule = self.config.keys.get(call.key_id or "")
+        call.label = rule.label if rule else None
+        if (
+            facts.stream
+            and endpoint.name in meter.STREAM_OPTIONS_ENDPOINTS
+            and facts.include_usage is not True
+            and isinstance(body_obj, dict)
+        ):
+            options = body_obj.get("stream_options")
+            body_obj["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            req.content = json.dumps(body_obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            # The extra chunk can only be removed from an uncompressed stream.
+            req.headers["accept-encoding"] = "identity"
+            call.extra["injected_usage"] = True
+        return call
+
+    def _stream_facts(self, call: Call) -> meter.StreamMeter | None:
+        return call.stream.meter if call.stream is not None else None
+
+    def _finish(self, call: Call, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        assert response is not None
+        if call.blocked:
+            self._emit(call, flow, "blocked", error=call.block_message)
+            return
+        if call.stream is not None:
+            tap = call.stream
+            facts = tap.meter
+            if tap.broken:
+                outcome, error = "no_usage", tap.broken
+            elif facts.error:
+                outcome, error = "error", facts.error
+            elif response.status_code >= 400:
+                outcome, error = "error", f"HTTP {response.status_code}"
+            elif facts.usage is None:
+                outcome, error = "no_usage", "stream ended without usage"
+            else:
+                outcome, error = "ok", None
+            self._emit(call, flow, outcome, facts=facts, error=error)
+            return
+        body_facts = self._body_facts(call, response)
+        if response.status_code >= 400:
+            error = body_facts.error or f"HTTP {response.status_code}"
+            self._emit(call, flow, "error", facts=body_facts, error=error)
+            return
+        if body_facts.usage is None and call.endpoint.name in USAGE_ENDPOINTS:
+            queued = body_facts.status in ("queued", "in_progress")
+            self._emit(call, flow, "ok" if queued else "no_usage", facts=body_facts,
+                       error=None if queued else body_facts.error or "response carried no usage")
+            return
+        self._emit(call, flow, "ok", facts=body_facts)
+
+    def _body_facts(self, call: Call, response: http.Response) -> meter.BodyFacts:
+        raw = response.raw_content
+        if not raw:
+            return meter.BodyFacts()
+        content_type = response.headers.get("content-type", "").lower()
+        if "json" not in content_type and raw[:1] not in (b"{", b"["):
+            return meter.BodyFacts()
+        if len(raw) > MAX_PARSED_RESPONSE:
+            return meter.BodyFacts(error=f"response body of {len(raw)} bytes not parsed")
+        try:
+            body = response.get_content(strict=True) or b""
+        except ValueError:
+            log.warning("usage: cannot decode %s response (content-encoding %r)", call.path, response.headers.get("content-encoding"))
+            return meter.BodyFacts(error=f"undecodable content-encoding {response.headers.get('content-encoding')!r}")
+        obj = meter.parse_json(body)
+        if obj is None:
+            if response.status_code < 400:
+                log.warning("usage: %s %s answered JSON that does not parse", call.method, call.path)
+            return meter.BodyFacts(error="response is not valid JSON")
+        return meter.facts_from_body(obj)
+
+    def _emit(self, call: Call, flow: http.HTTPFlow | None, outcome: str, *, facts: Any = None,
+              error: str | None = None) -> None:
+        if call.finished:
+            return
+        call.finished = True
+        now = time.time()
+        response = flow.response if flow is not None else None
+        usage = getattr(facts, "usage", None) if facts is not None else None
+        response_id = getattr(facts, "response_id", None) or call.endpoint.response_id
+        answered_model = getattr(facts, "model", None)
+        model = answered_model or call.request.model or call.endpoint.deployment
+        pool = call.pool or (self.matcher.pool_for(model) if model and self.matcher else None)
+        if usage is not None and response_id:
+            # Background responses: count a response's usage once, however
+            # often it is polled or streamed.
+            if response_id in self.counted_responses:
+                usage = None
+            else:
+                self.counted_responses[response_id] = None
+                if len(self.counted_responses) > 100_000:
+                    self.counted_responses.popitem(last=False)
+        started = datetime.fromtimestamp(call.started, timezone.utc)
+        ttfb = None
+        end = now
+        if response is not None:
+            if response.timestamp_start:
+                ttfb = (response.timestamp_start - call.started) * 1000
+            if call.stream is not None and call.stream.first_byte:
+                ttfb = (call.stream.first_byte - call.started) * 1000
+            if response.timestamp_end:
+                end = response.timestamp_end
+        headers = response.headers if response is not None else {}
+        row: dict[str, Any] = {
+            "ts": iso_utc(started),
+            "day": local_day(started, self.config.timezone) if self.config else started.date().isoformat(),
+            "host": call.host,
+            "method": call.method,
+            "path": call.path,
+            "endpoint": call.endpoint.name,
+            "model": model,
+            "requested_model": call.request.model,
+            "pool": pool,
+            "status": response.status_code if response is not None else None,
+            "outcome": outcome,
+            "streamed": int(call.streamed or call.request.stream),
+            "latency_ms": round((end - call.started) * 1000, 1),
+            "ttfb_ms": round(ttfb, 1) if ttfb is not None else None,
+            "key_id": call.key_id,
+            "key_hint": call.key_hint,
+            "label": call.label,
+            "project": call.project or headers.get("openai-project"),
+            "request_id": headers.get("x-request-id"),
+            "service_tier": getattr(facts, "service_tier", None) or call.request.service_tier,
+            "user_agent": call.user_agent,
+            "error": error[:500] if error else None,
+            "response_id": response_id,
+        }
+        if usage is not None:
+            row.update(usage.as_columns())
+        for listener in self.listeners:
+            try:
+                listener.on_row(call, row)
+            except Exception:
+                log.exception("usage: listener %r failed", listener)
+        if self.writer is not None:
+            self.writer.put(row)
+
+
+def _client_went_away(message: str) -> bool:
+    message = message.lower()
+    return "client" in message or "killed" in message
+
+
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+_STREAM = re.compile(rb'"stream"\s*:\s*true')
+
+
+def _scan_request(body: bytes) -> meter.RequestFacts:
+    """Model and stream flag of a request too large to parse on the loop."""
+    head = body[:65536] + body[-65536:]
+    facts = meter.RequestFacts(input_chars=len(body))
+    match = _MODEL.search(head)
+    if match:
+        facts.model = match.group(1).decode("utf-8", "replace")
+    facts.stream = bool(_STREAM.search(head))
+    return facts
+
+
+_FORM_FIELD = re.compile(rb'name="(model|stream)"\r?\n(?:[^\r\n]+\r?\n)*\r?\n([^\r\n]{0,200})')
+
+
+def _scan_multipart(body: bytes) -> meter.RequestFacts:
+    facts = meter.RequestFacts(input_chars=len(body))
+    for name, value in _FORM_FIELD.findall(body[:1_000_000]):
+        text = value.decode("utf-8", "replace").strip()
+        if name == b"model":
+            facts.model = text or None
+        elif name == b"stream":
+            facts.stream = text.lower() == "true"
+    return facts

@@ -1,0 +1,61 @@
+"""`python -m addon ...`: the command line.
+
+Each subcommand lives in its own module, which provides
+`register(subparsers) -> None` and sets `func(args) -> int` on its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands, in help order.
+COMMAND_MODULES = [
+    "addon.runner",  # run
+    "addon.status",  # status, reset
+    "addon.prices",  # reprice
+    "addon.top",  # top
+    "addon.reconcile",  # reconcile
+    "addon.issued_keys",  # keys
+]
+
+
+def add_common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
+    """--db and --config, the same for every subcommand."""
+    parser.add_argument("--db", default="usage.db", help="SQLite database (default: usage.db)")
+    if config:
+        parser.add_argument("--config", default=None, help="TOML config file (default: the bundled one)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m addon", description="Meter OpenAI API traffic through mitmproxy.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # clear message, no traceback, for expected failures
+        from .config import ConfigError
+
+        if isinstance(exc, (ConfigError, FileNotFoundError, PermissionError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise

@@ -1,0 +1,265 @@
+"""The TOML configuration: pools, limits, keys, alerts, price overrides.
+
+Loaded and validated completely before anything uses it: a bad file raises
+ConfigError naming the file, the line and the problem, and nothing of it is
+applied.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .windows import Window
+
+DEFAULT_CONFIG = Path(__file__).with_name("default-config.toml")
+DEFAULT_THRESHOLDS = (80.0, 100.0)
+FAIL_POLICIES = ("open", "closed")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with where it is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    name: str
+    models: tuple[str, ...]
+    window: Window
+    limit: int | None = None  # None: track only
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    fail: str = "open"  # what to do when usage cannot be known
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRule:
+    key_id: str
+    label: str | None = None
+    limits: dict[str, int] = field(default_factory=dict)  # pool -> tokens per window
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cached_input: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    timezone: ZoneInfo
+    default_pool: str
+    pools: dict[str, Pool]
+    keys: dict[str, KeyRule] = field(default_factory=dict)
+    webhook: str | None = None
+    prices: dict[str, Price] = field(default_factory=dict)
+    estimate_output_tokens: int = 1024
+    issued_keys: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def timezone_name(self) -> str:
+        return self.timezone.key
+
+
+_TOP_LEVEL = {"timezone", "default_pool", "pools", "keys", "alerts", "prices", "estimate_output_tokens", "issued_keys"}
+_POOL_KEYS = {"limit", "window", "models", "alerts", "fail"}
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Read and validate a config file (the bundled default when None)."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: str | Path = "<config>") -> Config:
+    path = Path(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None)
+        where = f":{line}" if line else ""
+        message = getattr(exc, "msg", str(exc))
+        raise ConfigError(f"{path}{where}: invalid TOML: {message}") from None
+    return _Validator(text, path).config(data)
+
+
+class _Validator:
+    def __init__(self, text: str, path: Path) -> None:
+        self.lines = text.splitlines()
+        self.path = path
+
+    def fail(self, problem: str, *keys: str) -> ConfigError:
+        line = self.line_of(*keys)
+        where = f":{line}" if line else ""
+        return ConfigError(f"{self.path}{where}: {problem}")
+
+    def line_of(self, *keys: str) -> int | None:
+        """Best-effort line number of a table/key path such as pools, mini, limit."""
+        start = 0
+        if len(keys) >= 2:
+            table = _table_header(keys[:-1])
+            for number, line in enumerate(self.lines):
+                if table.match(line):
+                    start = number
+                    break
+            else:
+                table = _table_header(keys)
+                for number, line in enumerate(self.lines):
+                    if table.match(line):
+                        return number + 1
+        key = re.compile(rf"^\s*[\"']?{re.escape(keys[-1])}[\"']?\s*=") if keys else None
+        for number in range(start, len(self.lines)):
+            if key and key.match(self.lines[number]):
+                return number + 1
+        return start + 1 if len(keys) >= 2 and start else None
+
+    def config(self, data: dict[str, Any]) -> Config:
+        unknown = set(data) - _TOP_LEVEL
+        if unknown:
+            name = sorted(unknown)[0]
+            raise self.fail(f"unknown setting {name!r} (known: {', '.join(sorted(_TOP_LEVEL))})", name)
+        tz_name = data.get("timezone", "UTC")
+        if not isinstance(tz_name, str):
+            raise self.fail("timezone must be a string such as \"Europe/Paris\"", "timezone")
+        try:
+            tz = ZoneInfo(tz_name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise self.fail(f"unknown timezone {tz_name!r} (use an IANA name such as \"Europe/Paris\")", "timezone") from None
+
+        alerts = data.get("alerts", {})
+        if not isinstance(alerts, dict):
+            raise self.fail("[alerts] must be a table", "alerts")
+        unknown_alert = set(alerts) - {"thresholds", "webhook"}
+        if unknown_alert:
+            raise self.fail(f"unknown setting {sorted(unknown_alert)[0]!r} in [alerts]", "alerts", sorted(unknown_alert)[0])
+        default_thresholds = self.thresholds(alerts.get("thresholds", list(DEFAULT_THRESHOLDS)), "alerts", "thresholds")
+        webhook = alerts.get("webhook")
+        if webhook is not None and (not isinstance(webhook, str) or not webhook.startswith(("http://", "https://"))):
+            raise self.fail("alerts.webhook must be an http(s) URL", "alerts", "webhook")
+
+        pools_data = data.get("pools")
+        if not isinstance(pools_data, dict) or not pools_data:
+            raise self.fail("at least one [pools.NAME] table is required", "pools")
+        pools = {name: self.pool(name, body, default_thresholds) for name, body in pools_data.items()}
+
+        default_pool = data.get("default_pool", next(iter(pools)))
+        if default_pool not in pools:
+            raise self.fail(f"default_pool {default_pool!r} is not a pool (pools: {', '.join(pools)})", "default_pool")
+
+        keys = {}
+        keys_data = data.get("keys", {})
+        if not isinstance(keys_data, dict):
+            raise self.fail("[keys] must be a table of key ids", "keys")
+        for key_id, body in keys_data.items():
+            keys[key_id] = self.key_rule(key_id, body, pools)
+
+        prices = {}
+        prices_data = data.get("prices", {})
+        if not isinstance(prices_data, dict):
+            raise self.fail("[prices] must be a table of models", "prices")
+        for model, body in prices_data.items():
+            prices[model] = self.price(model, body)
+
+        estimate = data.get("estimate_output_tokens", 1024)
+        if not isinstance(estimate, int) or isinstance(estimate, bool) or estimate < 0:
+            raise self.fail("estimate_output_tokens must be a whole number >= 0", "estimate_output_tokens")
+        issued = data.get("issued_keys", {})
+        if not isinstance(issued, dict):
+            raise self.fail("[issued_keys] must be a table", "issued_keys")
+
+        return Config(
+            path=self.path,
+            timezone=tz,
+            default_pool=default_pool,
+            pools=pools,
+            keys=keys,
+            webhook=webhook,
+            prices=prices,
+            estimate_output_tokens=estimate,
+            issued_keys=issued,
+        )
+
+    def thresholds(self, value: Any, *where: str) -> tuple[float, ...]:
+        if not isinstance(value, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1000 for v in value
+        ):
+            raise self.fail("alert thresholds must be a list of percentages such as [80, 100]", *where)
+        return tuple(sorted(float(v) for v in value))
+
+    def pool(self, name: str, body: Any, default_thresholds: tuple[float, ...]) -> Pool:
+        if not isinstance(body, dict):
+            raise self.fail(f"pools.{name} must be a table", "pools", name)
+        unknown = set(body) - _POOL_KEYS
+        if unknown:
+            key = sorted(unknown)[0]
+            raise self.fail(f"unknown setting {key!r} in [pools.{name}] (known: {', '.join(sorted(_POOL_KEYS))})", "pools", name, key)
+        limit = body.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise self.fail(f"pools.{name}.limit must be a whole number of tokens >= 0", "pools", name, "limit")
+        window_text = body.get("window", "day")
+        try:
+            window = Window.parse(window_text) if isinstance(window_text, str) else Window.parse(repr(window_text))
+        except ValueError as exc:
+            raise self.fail(f"pools.{name}.window: {exc}", "pools", name, "window") from None
+        models = body.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise self.fail(f"pools.{name}.models must be a list of model names or globs", "pools", name, "models")
+        thresholds = default_thresholds
+        if "alerts" in body:
+            thresholds = self.thresholds(body["alerts"], "pools", name, "alerts")
+        fail = body.get("fail", "closed" if limit is not None else "open")
+        if fail not in FAIL_POLICIES:
+            raise self.fail(f"pools.{name}.fail must be \"open\" or \"closed\"", "pools", name, "fail")
+        return Pool(name, tuple(models), window, limit, thresholds, fail)
+
+    def key_rule(self, key_id: str, body: Any, pools: dict[str, Pool]) -> KeyRule:
+        if not isinstance(body, dict):
+            raise self.fail(f"keys.{key_id} must be a table", "keys", key_id)
+        unknown = set(body) - {"label", "limits"}
+        if unknown:
+            raise self.fail(f"unknown setting {sorted(unknown)[0]!r} in [keys.{key_id}]", "keys", key_id, sorted(unknown)[0])
+        label = body.get("label")
+        if label is not None and not isinstance(label, str):
+            raise self.fail(f"keys.{key_id}.label must be a string", "keys", key_id, "label")
+        limits = body.get("limits", {})
+        if not isinstance(limits, dict):
+            raise self.fail(f"keys.{key_id}.limits must be a table such as {{ premium = 100000 }}", "keys", key_id, "limits")
+        for pool, limit in limits.items():
+            if pool not in pools:
+                raise self.fail(f"keys.{key_id}.limits names unknown pool {pool!r}", "keys", key_id, "limits")
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise self.fail(f"keys.{key_id}.limits.{pool} must be a whole number >= 0", "keys", key_id, "limits")
+        return KeyRule(key_id, label, dict(limits))
+
+    def price(self, model: str, body: Any) -> Price:
+        if not isinstance(body, dict) or not {"input", "output"} <= set(body):
+            raise self.fail(f"prices.{model!r} needs input and output (USD per million tokens)", "prices", model)
+        values = {}
+        for name in ("input", "output", "cached_input"):
+            if name in body:
+                value = body[name]
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                    raise self.fail(f"prices.{model!r}.{name} must be a number >= 0", "prices", model, name)
+                values[name] = float(value)
+        unknown = set(body) - {"input", "output", "cached_input"}
+        if unknown:
+            raise self.fail(f"unknown setting {sorted(unknown)[0]!r} in prices.{model!r}", "prices", model)
+        return Price(**values)
+
+
+def _table_header(keys: tuple[str, ...]) -> re.Pattern[str]:
+    parts = r"\s*\.\s*".join(rf"[\"']?{re.escape(k)}[\"']?" for k in keys)
+    return re.compile(rf"^\s*\[\s*{parts}\s*\]")

@@ -1,0 +1,17 @@
+"""mitmproxy entry point: `mitmdump -s addon/usage.py`.
+
+Meters OpenAI API traffic into SQLite; see README.md for options.
+"""
+
+import sys
+from pathlib import Path
+
+# mitmproxy loads this file as a script, not as part of the package.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from addon.capture import UsageMeter  # noqa: E402
+
+meter = UsageMeter()
+addons = [meter]

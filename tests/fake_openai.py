@@ -1,0 +1,493 @@
+"""A fake OpenAI API for tests and benchmarks, speaking the real wire formats.
+
+Pretty-printed JSON bodies (gzip, br, zstd or identity), SSE with a delay
+between events, Chat Completions usage chunks only when `include_usage` is
+asked, Responses API events, background responses, errors.
+
+Test control travels in request headers, which the `openai` SDK can send
+with `extra_headers`:
+
+    x-fake-status: 500          answer with this error status
+    x-fake-delay: 0.4           seconds between SSE events (default 0)
+    x-fake-encoding: gzip       body encoding (default: gzip for JSON)
+    x-fake-behavior: ...        reset-mid-stream | no-usage | error-event |
+                                non-json | stall | azure-first-chunk |
+                                huge-frame | endless-frame | short-body |
+                                truncate-stream
+    x-fake-chunks: 5            content chunks in a stream (default 3)
+
+Run standalone: python tests/fake_openai.py --port 9999 [--tls]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import socket
+import ssl
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    json: Any = None
+    usage_sent: dict | None = None  # the usage object the server produced
+
+
+@dataclass
+class FakeState:
+    received: list[Received] = field(default_factory=list)
+    background: dict[str, int] = field(default_factory=dict)  # id -> polls left
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def calls(self, path_part: str = "") -> list[Received]:
+        with self.lock:
+            return [r for r in self.received if path_part in r.path]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.received.clear()
+
+
+def count_tokens(obj: Any) -> int:
+    """Deterministic stand-in for a tokenizer: ~4 characters per token."""
+    return max(1, len(json.dumps(obj, sort_keys=True)) // 4)
+
+
+def encode(body: bytes, encoding: str) -> bytes:
+    if encoding == "gzip":
+        return gzip.compress(body)
+    if encoding == "deflate":
+        return zlib.compress(body)
+    if encoding == "br":
+        import brotli
+
+        return brotli.compress(body)
+    if encoding == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor().compress(body)
+    return body
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "FakeServer"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    # -- plumbing ------------------------------------------------------------
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if self.headers.get("content-encoding") == "gzip":
+            body = gzip.decompress(body)
+        return body
+
+    def _record(self, body: bytes) -> Received:
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        received = Received(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, parsed)
+        with self.server.state.lock:
+            self.server.state.received.append(received)
+        return received
+
+    def _json(self, status: int, obj: Any, extra_headers: dict[str, str] | None = None) -> None:
+        behavior = self.headers.get("x-fake-behavior", "")
+        body = json.dumps(obj, indent=2).encode() if behavior != "non-json" else b"<html>upstream oops</html>"
+        encoding = self.headers.get("x-fake-encoding", "gzip")
+        accepted = self.headers.get("accept-encoding", "")
+        if encoding != "identity" and encoding not in accepted and encoding != "bogus":
+            encoding = "identity"
+        payload = encode(body, encoding) if encoding != "bogus" else body
+        self.send_response(status)
+        self.send_header("content-type", "application/json" if behavior != "non-json" else "text/html")
+        self.send_header("x-request-id", "req_" + uuid.uuid4().hex[:16])
+        self.send_header("openai-processing-ms", "12")
+        if encoding != "identity":
+            self.send_header("content-encoding", encoding)
+        for name, value in (extra_headers or {}).items():
+            self.send_header(name, value)
+        if behavior == "short-body":
+            # Announce more than is sent, then close.
+            self.send_header("content-length", str(len(payload) + 100))
+            self.end_headers()
+            self.wfile.write(payload)
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _error(self, status: int) -> None:
+        kinds = {
+            400: ("invalid_request_error", None),
+            401: ("invalid_request_error", "invalid_api_key"),
+            404: ("invalid_request_error", "model_not_found"),
+            429: ("requests", "rate_limit_exceeded"),
+            500: ("server_error", None),
+            503: ("server_error", None),
+        }
+        kind, code = kinds.get(status, ("server_error", None))
+        self._json(
+            status,
+            {"error": {"message": f"fake error {status}", "type": kind, "param": None, "code": code}},
+            {"x-should-retry": "false"},
+        )
+
+    # -- SSE -----------------------------------------------------------------
+    def _sse_start(self) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("x-request-id", "req_" + uuid.uuid4().hex[:16])
+        self.send_header("transfer-encoding", "chunked")
+        self.send_header("cache-control", "no-cache")
+        self.end_headers()
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _sse_end(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _sse(self, frames: list[bytes]) -> None:
+        delay = float(self.headers.get("x-fake-delay") or 0)
+        behavior = self.headers.get("x-fake-behavior", "")
+        self._sse_start()
+        for index, frame in enumerate(frames):
+            if behavior == "reset-mid-stream" and index == len(frames) // 2:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.connection.close()
+                self.close_connection = True
+                return
+            if behavior == "truncate-stream" and index == len(frames) - 2:
+                self.close_connection = True
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if behavior == "stall" and index == 1:
+                time.sleep(float(self.headers.get("x-fake-stall") or 30))
+            if index and delay:
+                time.sleep(delay)
+            self._chunk(frame)
+        self._sse_end()
+
+    # -- routes --------------------------------------------------------------
+    def do_GET(self) -> None:  # noqa: N802
+        received = self._record(b"")
+        match = re.match(r"^/v1/responses/([^/?]+)", self.path)
+        if match:
+            rid = match.group(1)
+            with self.server.state.lock:
+                left = self.server.state.background.get(rid)
+                if left is not None and left > 0:
+                    self.server.state.background[rid] = left - 1
+            if left is None:
+                return self._error(404)
+            if left > 0:
+                return self._json(200, _response_object(rid, "gpt-5", "in_progress", None))
+            usage = _responses_usage(50, 20, reasoning=8)
+            received.usage_sent = usage
+            return self._json(200, _response_object(rid, "gpt-5", "completed", usage))
+        if self.path.startswith("/v1/models"):
+            return self._json(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
+        self._error(404)
+
+    def do_POST(self) -> None:  # noqa: N802
+        raw = self._read_body()
+        received = self._record(raw)
+        status = int(self.headers.get("x-fake-status") or 0)
+        if status:
+            return self._error(status)
+        path = self.path.split("?", 1)[0]
+        body = received.json if isinstance(received.json, dict) else {}
+        try:
+            if path.endswith("/chat/completions"):
+                return self._chat(received, body)
+            if path.endswith("/completions"):
+                return self._completions(received, body)
+            if path.endswith("/responses"):
+                return self._responses(received, body)
+            if path.endswith("/embeddings"):
+                usage = {"prompt_tokens": count_tokens(body.get("input")), "total_tokens": count_tokens(body.get("input"))}
+                received.usage_sent = usage
+                return self._json(200, {"object": "list", "model": body.get("model"), "usage": usage,
+                                        "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]})
+            if path.endswith("/audio/transcriptions"):
+                return self._transcription(received, raw)
+            if path.endswith("/images/generations"):
+                usage = {"input_tokens": 30, "input_tokens_details": {"text_tokens": 30, "image_tokens": 0},
+                         "output_tokens": 4160, "total_tokens": 4190}
+                received.usage_sent = usage
+                return self._json(200, {"created": int(time.time()), "data": [{"b64_json": "aGVsbG8="}], "usage": usage})
+            if path.endswith("/moderations"):
+                return self._json(200, {"id": "modr-1", "model": "omni-moderation-latest", "results": []})
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        self._error(404)
+
+    def _chat(self, received: Received, body: dict) -> None:
+        model = body.get("model", "gpt-4o")
+        served = _served_model(model)
+        n = int(body.get("n") or 1)
+        chunks = int(self.headers.get("x-fake-chunks") or 3)
+        prompt = count_tokens(body.get("messages"))
+        completion = chunks * n
+        reasoning = completion // 2 if model.startswith(("o", "gpt-5")) else 0
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": prompt // 2, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+        }
+        cid = "chatcmpl-" + uuid.uuid4().hex[:20]
+        created = int(time.time())
+        if not body.get("stream"):
+            received.usage_sent = usage
+            message = {"role": "assistant", "content": "hello " * chunks, "refusal": None}
+            return self._json(200, {
+                "id": cid, "object": "chat.completion", "created": created, "model": served,
+                "choices": [{"index": i, "message": message, "finish_reason": "stop", "logprobs": None} for i in range(n)],
+                "usage": usage, "service_tier": "default", "system_fingerprint": "fp_fake",
+            })
+        include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        behavior = self.headers.get("x-fake-behavior", "")
+        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served,
+                "service_tier": "default", "system_fingerprint": "fp_fake"}
+        if include_usage:
+            base["usage"] = None
+        frames = []
+        if behavior == "azure-first-chunk":
+            frames.append(_frame({**base, "choices": [], "prompt_filter_results": [{"prompt_index": 0}]}))
+        for i in range(n):
+            frames.append(_frame({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                        "finish_reason": None}], "obfuscation": "xyz"}))
+        for c in range(chunks):
+            for i in range(n):
+                frames.append(_frame({**base, "choices": [{"index": i, "delta": {"content": f"tok{c} "},
+                                                            "finish_reason": None}], "obfuscation": "ab"}))
+        if behavior == "error-event":
+            frames.append(_frame({"error": {"message": "The server had an error", "type": "server_error",
+                                            "param": None, "code": None}}))
+            return self._sse(frames)
+        for i in range(n):
+            frames.append(_frame({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]}))
+        if behavior == "keepalive":
+            frames.insert(2, b": keep-alive\r\n\r\n")
+        if include_usage and behavior != "no-usage":
+            received.usage_sent = usage
+            frames.append(_frame({**base, "choices": [], "usage": usage, "obfuscation": "q"}))
+        if behavior == "huge-frame":
+            frames.insert(1, _frame({**base, "choices": [{"index": 0, "delta": {"content": "x" * 20_000_000}}]}))
+        if behavior == "endless-frame":
+            return self._endless()
+        frames.append(b"data: [DONE]\n\n")
+        self._sse(frames)
+
+    def _endless(self) -> None:
+        self._sse_start()
+        self._chunk(b"data: ")
+        for _ in range(40):
+            self._chunk(b"x" * 1_000_000)
+        self._sse_end()
+
+    def _completions(self, received: Received, body: dict) -> None:
+        prompt = count_tokens(body.get("prompt"))
+        usage = {"prompt_tokens": prompt, "completion_tokens": 5, "total_tokens": prompt + 5}
+        cid = "cmpl-" + uuid.uuid4().hex[:20]
+        base = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": body.get("model")}
+        if not body.get("stream"):
+            received.usage_sent = usage
+            return self._json(200, {**base, "choices": [{"text": "hi", "index": 0, "finish_reason": "stop",
+                                                         "logprobs": None}], "usage": usage})
+        frames = [_frame({**base, "choices": [{"text": f"t{i}", "index": 0, "finish_reason": None,
+                                               "logprobs": None}]}) for i in range(5)]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            received.usage_sent = usage
+            frames.append(_frame({**base, "choices": [], "usage": usage}))
+        frames.append(b"data: [DONE]\n\n")
+        self._sse(frames)
+
+    def _responses(self, received: Received, body: dict) -> None:
+        model = body.get("model", "gpt-5")
+        served = _served_model(model)
+        rid = "resp_" + uuid.uuid4().hex[:24]
+        prompt = count_tokens(body.get("input"))
+        chunks = int(self.headers.get("x-fake-chunks") or 3)
+        usage = _responses_usage(prompt, chunks + 4, reasoning=4)
+        if body.get("background") and not body.get("stream"):
+            with self.server.state.lock:
+                self.server.state.background[rid] = int(self.headers.get("x-fake-polls") or 1)
+            return self._json(200, _response_object(rid, served, "queued", None))
+        if not body.get("stream"):
+            received.usage_sent = usage
+            return self._json(200, _response_object(rid, served, "completed", usage, text="hello"))
+        behavior = self.headers.get("x-fake-behavior", "")
+        seq = iter(range(10_000))
+        frames = [
+            _event("response.created", {"response": _response_object(rid, served, "in_progress", None)}, seq),
+            _event("response.in_progress", {"response": _response_object(rid, served, "in_progress", None)}, seq),
+            _event("response.output_item.added", {"output_index": 0, "item": {"id": "msg_1", "type": "message",
+                                                  "status": "in_progress", "content": [], "role": "assistant"}}, seq),
+        ]
+        for i in range(chunks):
+            frames.append(_event("response.output_text.delta", {"item_id": "msg_1", "output_index": 0,
+                                                                "content_index": 0, "delta": f"w{i} ",
+                                                                "logprobs": [], "obfuscation": "zz"}, seq))
+        frames.append(_event("response.output_text.done", {"item_id": "msg_1", "output_index": 0,
+                                                           "content_index": 0, "text": "done"}, seq))
+        if behavior == "error-event":
+            frames.append(_event("error", {"code": "server_error", "message": "boom", "param": None}, seq))
+            return self._sse(frames)
+        if behavior == "no-usage":
+            return self._sse(frames)
+        terminal = {"incomplete": "response.incomplete", "failed": "response.failed"}.get(
+            self.headers.get("x-fake-terminal", ""), "response.completed")
+        status = terminal.split(".")[1]
+        received.usage_sent = usage
+        frames.append(_event(terminal, {"response": _response_object(rid, served, status, usage, text="done")}, seq))
+        self._sse(frames)
+
+    def _transcription(self, received: Received, raw: bytes) -> None:
+        match = re.search(rb'name="model"\r\n\r\n([^\r\n]+)', raw)
+        model = match.group(1).decode() if match else "whisper-1"
+        if model == "whisper-1":
+            usage: dict = {"type": "duration", "seconds": 7}
+        else:
+            usage = {"type": "tokens", "input_tokens": 70, "input_token_details": {"text_tokens": 0,
+                                                                                    "audio_tokens": 70},
+                     "output_tokens": 12, "total_tokens": 82}
+        received.usage_sent = usage
+        self._json(200, {"text": "hello world", "usage": usage})
+
+
+def _served_model(model: str) -> str:
+    snapshots = {"gpt-4o": "gpt-4o-2024-08-06", "gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-5": "gpt-5-2025-08-07"}
+    return snapshots.get(model, model)
+
+
+def _responses_usage(prompt: int, output: int, reasoning: int = 0) -> dict:
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": output,
+            "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": prompt + output}
+
+
+def _response_object(rid: str, model: str, status: str, usage: dict | None, text: str = "") -> dict:
+    output = []
+    if text:
+        output = [{"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+    return {"id": rid, "object": "response", "created_at": int(time.time()), "status": status, "model": model,
+            "output": output, "usage": usage, "background": False, "error": None, "incomplete_details": None,
+            "service_tier": "default", "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+
+
+def _frame(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _event(kind: str, payload: dict, seq) -> bytes:
+    obj = {"type": kind, "sequence_number": next(seq), **payload}
+    return f"event: {kind}\n".encode() + b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class FakeServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int = 0, tls: bool = True) -> None:
+        super().__init__(("127.0.0.1", port), Handler)
+        self.state = FakeState()
+        self.tls = tls
+        if tls:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            cert, key = _self_signed_cert()
+            context.load_cert_chain(cert, key)
+            self.socket = context.wrap_socket(self.socket, server_side=True)
+        self.thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def start(self) -> "FakeServer":
+        self.thread = threading.Thread(target=self.serve_forever, name="fake-openai", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+_CERT_CACHE: tuple[str, str] | None = None
+
+
+def _self_signed_cert() -> tuple[str, str]:
+    """A throwaway certificate for api.openai.com (mitmproxy runs ssl_insecure)."""
+    global _CERT_CACHE
+    if _CERT_CACHE:
+        return _CERT_CACHE
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "api.openai.com")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("api.openai.com")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    directory = Path(tempfile.mkdtemp(prefix="fake-openai-"))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    _CERT_CACHE = (str(cert_path), str(key_path))
+    return _CERT_CACHE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tls", action="store_true")
+    args = parser.parse_args()
+    server = FakeServer(args.port, tls=args.tls)
+    print(f"fake OpenAI on {'https' if args.tls else 'http'}://127.0.0.1:{server.port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
