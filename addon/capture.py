@@ -214,7 +214,9 @@ class UsageMeter:
         return any(host == pattern or fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not self.is_metered(flow.request.pretty_host):
+        # A response set by an earlier addon (an issued-key 401, say) is
+        # recorded too; enforcement marks its own refusals as blocked.
+        if not self.is_metered(flow.request.pretty_host):
             return
         call = self._inspect(flow)
         self.calls[flow.id] = call
@@ -278,6 +280,8 @@ class UsageMeter:
         elif "multipart/form-data" in content_type:
             facts = _scan_multipart(raw)
         key = meter.credential(req.headers)
+        # An addon that rewrites credentials (issued keys) says whose call it is.
+        identity = flow.metadata.get("usage_identity")
         call = Call(
             started=req.timestamp_start or time.time(),
             host=req.pretty_host,
@@ -293,8 +297,13 @@ class UsageMeter:
         model = facts.model or endpoint.deployment
         assert self.matcher is not None and self.config is not None
         call.pool = self.matcher.pool_for(model) if model or endpoint.name in USAGE_ENDPOINTS else None
+        if isinstance(identity, dict):
+            call.key_id = identity.get("key_id")
+            call.key_hint = identity.get("key_hint")
+            call.label = identity.get("label")
         rule = self.config.keys.get(call.key_id or "")
-        call.label = rule.label if rule else None
+        if call.label is None:
+            call.label = rule.label if rule else None
         if (
             facts.stream
             and endpoint.name in meter.STREAM_OPTIONS_ENDPOINTS

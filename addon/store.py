@@ -70,9 +70,55 @@ REQUEST_INDEXES: list[tuple[str, ...]] = [
     ("response_id",),
 ]
 
-# Other modules register their tables here: name -> (columns, pk, indexes).
+# Every table of the database: name -> (columns, pk, indexes).
 TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...] | None, list[tuple[str, ...]]]] = {
     "requests": (REQUEST_COLUMNS, "id", REQUEST_INDEXES),
+    # The configured pools, written by the proxy at start-up (and by the CLI).
+    "pools": (
+        {
+            "name": str,
+            "limit": int,  # NULL: track only
+            "window": str,  # day | week | month | rolling:Nh
+            "rolling_hours": int,  # for rolling windows, else NULL
+            "timezone": str,
+            "models": str,  # JSON list of patterns
+            "thresholds": str,  # JSON list of alert percentages
+            "fail": str,  # open | closed
+            "updated_at": str,
+        },
+        "name",
+        [],
+    ),
+    # Calendar windows of each pool (start <= now < end), precomputed in the
+    # configured time zone so SQL (Datasette) needs no time zone arithmetic.
+    "pool_windows": ({"pool": str, "start": str, "end": str}, ("pool", "start"), [("pool", "end")]),
+    # Manual resets: usage before `ts` no longer counts in its window.
+    "resets": ({"id": int, "ts": str, "pool": str, "key_id": str, "note": str}, "id", [("pool", "ts")]),
+    # Admission reservations of requests in flight (shared by all proxies).
+    "reservations": (
+        {"id": int, "pool": str, "key_id": str, "tokens": int, "created": float, "expires": float, "owner": str},
+        "id",
+        [("pool",), ("expires",)],
+    ),
+    # Alerts fired, one per pool, window and threshold (and key, for key limits).
+    "alerts": (
+        {
+            "id": int,
+            "ts": str,
+            "pool": str,
+            "key_id": str,
+            "window_start": str,
+            "threshold": float,
+            "used": int,
+            "limit": int,
+            "message": str,
+            "delivered": int,
+            "attempts": int,
+            "last_error": str,
+        },
+        "id",
+        [("pool", "window_start")],
+    ),
 }
 
 
