@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 
 # One line terminator, then another: the end of an event ("blank line").
-_EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+# A CR directly followed by LF is one terminator (CRLF), never two.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 _LINE = re.compile(r"\r\n|\r|\n")
 
 DEFAULT_MAX_BUFFER = 16 * 1024 * 1024
