@@ -152,6 +152,21 @@ def migrate(db: sqlite_utils.Database) -> None:
             table.create_index(list(index), if_not_exists=True, find_unique_name=True)
 
 
+def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
+    """Insert rows in the caller's transaction.
+
+    A row may carry `_reservation` (the admission reservation it settles):
+    it is deleted in the same transaction, so a request's tokens are always
+    counted exactly once, as reserved or as used, by every proxy process.
+    """
+    reservations = [row["_reservation"] for row in rows if row.get("_reservation")]
+    clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows] if reservations else rows
+    db.table("requests").insert_all(clean, batch_size=500, columns=REQUEST_COLUMNS)
+    for start in range(0, len(reservations), 500):
+        part = reservations[start : start + 500]
+        db.execute(f"DELETE FROM reservations WHERE id IN ({','.join('?' * len(part))})", part)
+
+
 class Writer:
     """One thread, one connection, batched inserts into `requests`."""
 
@@ -263,7 +278,7 @@ class Writer:
         try:
             db = self._open()
             with db.conn:
-                db.table("requests").insert_all(rows, batch_size=500, columns=REQUEST_COLUMNS)
+                insert_rows(db, rows)
         except (sqlite3.Error, OSError) as exc:
             self._drop_connection()
             self._spool_rows(batch, exc)
