@@ -119,6 +119,34 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...] | None, list[tupl
         "id",
         [("pool", "window_start")],
     ),
+    # Per-user keys issued by `python -m addon keys create` (addon/issued_keys.py):
+    # only the SHA-256 of the key is kept; key_id is its first 12 hex digits.
+    "issued_keys": (
+        {"key_hash": str, "key_id": str, "key_hint": str, "label": str, "created_at": str, "revoked_at": str},
+        "key_hash",
+        [("label",), ("key_id",)],
+    ),
+    # What OpenAI's organization Usage and Costs APIs counted (addon/reconcile.py).
+    "openai_usage": (
+        {
+            "bucket_width": str,  # 1d | 1h
+            "start": str,  # bucket start, ISO 8601 UTC
+            "end": str,
+            "model": str,  # "" when OpenAI gave none
+            "requests": int,
+            "input_tokens": int,
+            "cached_tokens": int,
+            "output_tokens": int,
+            "fetched_at": str,
+        },
+        ("bucket_width", "start", "model"),
+        [("start",)],
+    ),
+    "openai_costs": (
+        {"start": str, "end": str, "line_item": str, "amount_usd": float, "currency": str, "fetched_at": str},
+        ("start", "line_item"),
+        [],
+    ),
 }
 
 
