@@ -188,7 +188,8 @@ def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
     counted exactly once, as reserved or as used, by every proxy process.
     """
     reservations = [row["_reservation"] for row in rows if row.get("_reservation")]
-    clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows] if reservations else rows
+    private = reservations or any("_reservation" in row for row in rows)
+    clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows] if private else rows
     db.table("requests").insert_all(clean, batch_size=500, columns=REQUEST_COLUMNS)
     for start in range(0, len(reservations), 500):
         part = reservations[start : start + 500]
