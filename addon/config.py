@@ -68,6 +68,7 @@ class Config:
         return self.timezone.key
 
 
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _TOP_LEVEL = {"timezone", "default_pool", "pools", "keys", "alerts", "prices", "estimate_output_tokens", "issued_keys"}
 _POOL_KEYS = {"limit", "window", "models", "alerts", "fail"}
 
@@ -90,8 +91,15 @@ def parse(text: str, path: str | Path = "<config>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line = getattr(exc, "lineno", None)
-        where = f":{line}" if line else ""
         message = getattr(exc, "msg", str(exc))
+        # Before Python 3.14 the position is only in the text: "(at line 2, column 9)".
+        found = _TOML_POSITION.search(message)
+        if found:
+            line = line or int(found.group(1))
+            message = message[: found.start()].rstrip() + f" (column {found.group(2)})"
+        elif message.endswith("(at end of document)"):
+            line = line or max(len(text.splitlines()), 1)
+        where = f":{line}" if line else ""
         raise ConfigError(f"{path}{where}: invalid TOML: {message}") from None
     return _Validator(text, path).config(data)
 
@@ -137,14 +145,16 @@ class _Validator:
         try:
             tz = ZoneInfo(tz_name)
         except (ZoneInfoNotFoundError, ValueError):
-            raise self.fail(f"unknown timezone {tz_name!r} (use an IANA name such as \"Europe/Paris\")", "timezone") from None
+            problem = f"unknown timezone {tz_name!r} (use an IANA name such as \"Europe/Paris\")"
+            raise self.fail(problem, "timezone") from None
 
         alerts = data.get("alerts", {})
         if not isinstance(alerts, dict):
             raise self.fail("[alerts] must be a table", "alerts")
         unknown_alert = set(alerts) - {"thresholds", "webhook"}
         if unknown_alert:
-            raise self.fail(f"unknown setting {sorted(unknown_alert)[0]!r} in [alerts]", "alerts", sorted(unknown_alert)[0])
+            name = sorted(unknown_alert)[0]
+            raise self.fail(f"unknown setting {name!r} in [alerts]", "alerts", name)
         default_thresholds = self.thresholds(alerts.get("thresholds", list(DEFAULT_THRESHOLDS)), "alerts", "thresholds")
         webhook = alerts.get("webhook")
         if webhook is not None and (not isinstance(webhook, str) or not webhook.startswith(("http://", "https://"))):
@@ -205,7 +215,8 @@ class _Validator:
         unknown = set(body) - _POOL_KEYS
         if unknown:
             key = sorted(unknown)[0]
-            raise self.fail(f"unknown setting {key!r} in [pools.{name}] (known: {', '.join(sorted(_POOL_KEYS))})", "pools", name, key)
+            known = ", ".join(sorted(_POOL_KEYS))
+            raise self.fail(f"unknown setting {key!r} in [pools.{name}] (known: {known})", "pools", name, key)
         limit = body.get("limit")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
             raise self.fail(f"pools.{name}.limit must be a whole number of tokens >= 0", "pools", name, "limit")
@@ -230,13 +241,15 @@ class _Validator:
             raise self.fail(f"keys.{key_id} must be a table", "keys", key_id)
         unknown = set(body) - {"label", "limits"}
         if unknown:
-            raise self.fail(f"unknown setting {sorted(unknown)[0]!r} in [keys.{key_id}]", "keys", key_id, sorted(unknown)[0])
+            key = sorted(unknown)[0]
+            raise self.fail(f"unknown setting {key!r} in [keys.{key_id}]", "keys", key_id, key)
         label = body.get("label")
         if label is not None and not isinstance(label, str):
             raise self.fail(f"keys.{key_id}.label must be a string", "keys", key_id, "label")
         limits = body.get("limits", {})
         if not isinstance(limits, dict):
-            raise self.fail(f"keys.{key_id}.limits must be a table such as {{ premium = 100000 }}", "keys", key_id, "limits")
+            problem = f"keys.{key_id}.limits must be a table such as {{ premium = 100000 }}"
+            raise self.fail(problem, "keys", key_id, "limits")
         for pool, limit in limits.items():
             if pool not in pools:
                 raise self.fail(f"keys.{key_id}.limits names unknown pool {pool!r}", "keys", key_id, "limits")

@@ -329,7 +329,11 @@ class StreamMeter:
 
 
 _TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
-_RESPONSE_EVENTS_WITH_FACTS = _TERMINAL_RESPONSE_EVENTS | {"response.created", "response.in_progress", "response.queued"}
+_RESPONSE_EVENTS_WITH_FACTS = _TERMINAL_RESPONSE_EVENTS | {
+    "response.created",
+    "response.in_progress",
+    "response.queued",
+}
 
 
 def _str(value: Any) -> str | None:

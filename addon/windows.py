@@ -22,7 +22,7 @@ class Window:
     rolling_hours: int | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Window":
+    def parse(cls, text: str) -> Window:
         text = text.strip()
         if text in ("day", "week", "month"):
             return cls(text)
