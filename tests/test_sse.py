@@ -113,7 +113,9 @@ def event_blocks(draw) -> tuple[bytes, list[tuple[str | None, str, bool]]]:
             for _ in range(draw(st.integers(1, 3))):
                 value = draw(line_text)
                 data.append(value)
-                lines.append(f"data: {value}" if draw(st.booleans()) else f"data:{value}")
+                # "data:x" and "data: x" mean the same; "data:  x" keeps one space.
+                spaced = draw(st.booleans()) or value.startswith(" ")
+                lines.append(f"data: {value}" if spaced else f"data:{value}")
             if draw(st.booleans()):
                 lines.insert(draw(st.integers(0, len(lines))), ": interleaved comment")
             if draw(st.booleans()):
