@@ -11,7 +11,12 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from addon.bodylog import BodyLog  # noqa: E402
 from addon.capture import UsageMeter  # noqa: E402
+from addon.enforce import Limits  # noqa: E402
+from addon.issued_keys import IssuedKeys  # noqa: E402
 
 meter = UsageMeter()
-addons = [meter]
+# IssuedKeys goes first: it sets the identity the meter records.
+# Limits comes right after the meter, whose request hook classifies the call.
+addons = [IssuedKeys(meter), meter, Limits(meter), BodyLog(meter)]

@@ -1,0 +1,233 @@
+"""Opt-in body log for debugging: `--set usage_body_log=bodies.ndjson`.
+
+One JSON line per metered exchange: request and response with headers and
+bodies (UTF-8 text, else base64), credentials and cookies redacted. The
+hooks only copy references into a bounded queue; a thread decodes, redacts
+and writes. When the queue is full the entry is dropped and counted: the
+log never slows traffic down. Streamed responses are not buffered: their
+entry says `"streamed": true` and has headers only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+log = logging.getLogger(__name__)
+
+REDACTED = "[redacted]"
+REDACT_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"})
+REDACT_QUERY = frozenset({"api-key", "api_key", "key", "access_token"})
+MAX_ENTRIES = 1000
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Message:
+    """What is needed to log one request or response, taken on the event loop."""
+
+    headers: list[tuple[str, str]]
+    raw: bytes | None
+    encoding: str | None
+    streamed: bool
+    first_line: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Entry:
+    ts: float
+    flow_id: str
+    request: Message
+    response: Message | None
+    error: str | None
+
+    @property
+    def size(self) -> int:
+        return sum(len(m.raw or b"") for m in (self.request, self.response) if m is not None)
+
+
+def redact_headers(headers: list[tuple[str, str]]) -> list[list[str]]:
+    return [[name, REDACTED if name.lower() in REDACT_HEADERS else value] for name, value in headers]
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, REDACTED if k.lower() in REDACT_QUERY else v) for k, v in pairs]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="[]")))
+
+
+def body_fields(raw: bytes | None, encoding: str | None) -> dict[str, Any]:
+    """Decoded body as text when it is UTF-8, else base64."""
+    if raw is None:
+        return {}
+    data = raw
+    if encoding and encoding.strip().lower() not in ("", "identity"):
+        from mitmproxy.net import encoding as codecs
+
+        try:
+            data = codecs.decode(raw, encoding)
+        except ValueError:
+            return {"body_base64": base64.b64encode(raw).decode(), "content_encoding": encoding}
+    try:
+        return {"body": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"body_base64": base64.b64encode(data).decode()}
+
+
+def render(entry: Entry) -> str:
+    out: dict[str, Any] = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(entry.ts)) + f".{int(entry.ts * 1000) % 1000:03d}Z",
+        "flow_id": entry.flow_id,
+    }
+    for name, message in (("request", entry.request), ("response", entry.response)):
+        if message is None:
+            continue
+        part: dict[str, Any] = dict(message.first_line)
+        if "url" in part:
+            part["url"] = redact_url(part["url"])
+        part["headers"] = redact_headers(message.headers)
+        if message.streamed:
+            part["streamed"] = True  # body passed through unbuffered: not logged
+        else:
+            part.update(body_fields(message.raw, message.encoding))
+        out[name] = part
+    if entry.error:
+        out["error"] = entry.error
+    return json.dumps(out, ensure_ascii=False)
+
+
+def _message(msg, first_line: dict[str, Any]) -> Message:
+    streamed = bool(msg.stream)
+    return Message(
+        headers=[(k, v) for k, v in msg.headers.items(multi=True)],
+        raw=None if streamed else msg.raw_content,
+        encoding=msg.headers.get("content-encoding"),
+        streamed=streamed,
+        first_line=first_line,
+    )
+
+
+class BodyLogWriter:
+    """The thread that owns the file."""
+
+    def __init__(self, path: str, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_QUEUED_BYTES) -> None:
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")  # fail now (OptionsError), not later
+        self.queue: queue.Queue[Entry | None] = queue.Queue(max_entries)
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
+        self.lock = threading.Lock()
+        self.written = 0
+        self.dropped = 0
+        self.thread = threading.Thread(target=self._run, name="usage-body-log", daemon=True)
+        self.thread.start()
+
+    def put(self, entry: Entry) -> None:
+        size = entry.size
+        with self.lock:
+            full = self.queued_bytes + size > self.max_bytes and self.queued_bytes > 0
+            if not full:
+                try:
+                    self.queue.put_nowait(entry)
+                    self.queued_bytes += size
+                    return
+                except queue.Full:
+                    pass
+            self.dropped += 1
+            dropped = self.dropped
+        if dropped == 1 or dropped % 100 == 0:
+            log.warning("usage_body_log: writer behind, dropped %d entries so far (traffic is not affected)", dropped)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+        if self.dropped:
+            log.warning("usage_body_log: %d entries were dropped in total", self.dropped)
+
+    def _run(self) -> None:
+        while True:
+            entry = self.queue.get()
+            if entry is None:
+                break
+            with self.lock:
+                self.queued_bytes -= entry.size
+            try:
+                self.file.write(render(entry) + "\n")
+                self.written += 1
+                if self.queue.empty():
+                    self.file.flush()
+            except Exception:
+                log.exception("usage_body_log: writing %s failed", self.path)
+        self.file.close()
+
+
+class BodyLog:
+    """Writes request/response pairs of metered hosts to `usage_body_log`."""
+
+    def __init__(self, usage_meter: Any = None) -> None:
+        self.meter = usage_meter  # for is_metered(); None: every host
+        self.writer: BodyLogWriter | None = None
+        self.path = ""
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "usage_body_log", str, "",
+            "Debugging: append request/response bodies of metered calls as JSON lines to this file "
+            "(credentials and cookies redacted). Off when empty.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        from mitmproxy import ctx, exceptions
+
+        if "usage_body_log" not in updated:
+            return
+        path = ctx.options.usage_body_log
+        if path == self.path:
+            return
+        old, self.writer = self.writer, None
+        if path:
+            try:
+                self.writer = BodyLogWriter(path)
+            except OSError as exc:
+                raise exceptions.OptionsError(f"usage_body_log: cannot open {path}: {exc.strerror or exc}") from None
+            log.warning("usage_body_log: writing request and response bodies to %s (debugging only)", path)
+        self.path = path
+        if old is not None:
+            old.close()
+
+    def done(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def response(self, flow) -> None:
+        self._log(flow)
+
+    def error(self, flow) -> None:
+        self._log(flow)
+
+    def _log(self, flow) -> None:
+        if self.writer is None or flow.metadata.get("usage_body_logged"):
+            return
+        req = flow.request
+        if self.meter is not None and not self.meter.is_metered(req.pretty_host):
+            return
+        request = _message(req, {"method": req.method, "url": req.pretty_url, "http_version": req.http_version})
+        response = None
+        if flow.response is not None:
+            res = flow.response
+            first = {"status": res.status_code, "reason": res.reason, "http_version": res.http_version}
+            response = _message(res, first)
+        error = flow.error.msg if flow.error is not None else None
+        flow.metadata["usage_body_logged"] = True  # response and error hooks can both fire
+        self.writer.put(Entry(time.time(), flow.id, request, response, error))
