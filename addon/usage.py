@@ -15,8 +15,10 @@ from addon.bodylog import BodyLog  # noqa: E402
 from addon.capture import UsageMeter  # noqa: E402
 from addon.enforce import Limits  # noqa: E402
 from addon.issued_keys import IssuedKeys  # noqa: E402
+from addon.prices import Pricing  # noqa: E402
 
 meter = UsageMeter()
 # IssuedKeys goes first: it sets the identity the meter records.
 # Limits comes right after the meter, whose request hook classifies the call.
-addons = [IssuedKeys(meter), meter, Limits(meter), BodyLog(meter)]
+# Pricing follows the meter: it prices rows with the meter's freshly loaded config.
+addons = [IssuedKeys(meter), meter, Pricing(meter), Limits(meter), BodyLog(meter)]

@@ -13,7 +13,10 @@ with `extra_headers`:
     x-fake-behavior: ...        reset-mid-stream | no-usage | error-event |
                                 non-json | stall | azure-first-chunk |
                                 huge-frame | endless-frame | short-body |
-                                truncate-stream
+                                truncate-stream | stall-headers (sleep
+                                x-fake-stall s before answering) |
+                                invalid-utf8 (bytes that are not UTF-8 in
+                                the JSON body or every SSE event)
     x-fake-chunks: 5            content chunks in a stream (default 3)
 
 Run standalone: python tests/fake_openai.py --port 9999 [--tls]
@@ -112,6 +115,8 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, obj: Any, extra_headers: dict[str, str] | None = None) -> None:
         behavior = self.headers.get("x-fake-behavior", "")
         body = json.dumps(obj, indent=2).encode() if behavior != "non-json" else b"<html>upstream oops</html>"
+        if behavior == "invalid-utf8":
+            body = body.replace(b'"object"', b'"obj\xff\xfeect"', 1)
         encoding = self.headers.get("x-fake-encoding", "gzip")
         accepted = self.headers.get("accept-encoding", "")
         if encoding != "identity" and encoding not in accepted and encoding != "bogus":
@@ -190,6 +195,8 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(float(self.headers.get("x-fake-stall") or 30))
             if index and delay:
                 time.sleep(delay)
+            if behavior == "invalid-utf8":
+                frame = frame.replace(b"data: {", b'data: {"junk\xc3\x28\xff":1,', 1)
             self._chunk(frame)
         self._sse_end()
 
@@ -217,6 +224,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         raw = self._read_body()
         received = self._record(raw)
+        if self.headers.get("x-fake-behavior") == "stall-headers":
+            time.sleep(float(self.headers.get("x-fake-stall") or 30))
         status = int(self.headers.get("x-fake-status") or 0)
         if status:
             return self._error(status)
@@ -243,7 +252,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"created": int(time.time()), "data": [{"b64_json": "aGVsbG8="}], "usage": usage})
             if path.endswith("/moderations"):
                 return self._json(200, {"id": "modr-1", "model": "omni-moderation-latest", "results": []})
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):  # the client (proxy) hung up
             return
         self._error(404)
 

@@ -1,0 +1,187 @@
+"""Costs: genai-prices catalogue, config overrides, unknown models, reprice."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import subprocess
+import sys
+from decimal import Decimal
+
+import pytest
+from genai_prices import Usage, calc_price
+
+from addon import config as config_mod
+from addon import store
+from addon.prices import Pricer, reprice
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def row(model: str, **tokens) -> dict:
+    base = {"ts": "2026-11-22T10:00:00.000Z", "model": model}
+    base.update(tokens)
+    return base
+
+
+def test_cached_input_is_priced_as_cached():
+    # gpt-4o: $2.50 input, $1.25 cached input, $10 output per million.
+    cost = Pricer().cost(row("gpt-4o-2024-08-06", input_tokens=1000, cached_tokens=400, output_tokens=100))
+    assert cost == pytest.approx((600 * 2.5 + 400 * 1.25 + 100 * 10) / 1e6)
+
+
+def test_reasoning_is_priced_as_output():
+    # Reasoning tokens are already part of output_tokens: they must not be charged twice.
+    plain = Pricer().cost(row("o3", input_tokens=100, output_tokens=500))
+    reasoning = Pricer().cost(row("o3", input_tokens=100, output_tokens=500, reasoning_tokens=400))
+    assert plain == reasoning
+    expected = calc_price(Usage(input_tokens=100, output_tokens=500), "o3", provider_id="openai",
+                          genai_request_timestamp=__import__("datetime").datetime(2026, 11, 22, 10))
+    assert reasoning == pytest.approx(float(expected.total_price))
+
+
+def test_service_tiers_have_their_own_price():
+    usage = {"input_tokens": 10_000, "cached_tokens": 2_000, "output_tokens": 3_000}
+    pricer = Pricer()
+    default = pricer.cost(row("gpt-5-2025-08-07", service_tier="default", **usage))
+    flex = pricer.cost(row("gpt-5-2025-08-07", service_tier="flex", **usage))
+    priority = pricer.cost(row("gpt-5-2025-08-07", service_tier="priority", **usage))
+    assert default is not None and flex is not None and priority is not None
+    assert flex < default < priority
+
+
+def test_override_wins_and_matches_snapshots():
+    prices = {"gpt-4o": config_mod.Price(input=1.0, output=2.0, cached_input=0.5)}
+    cost = Pricer(prices).cost(row("gpt-4o-2024-08-06", input_tokens=1_000_000, cached_tokens=200_000,
+                                   output_tokens=1_000_000, reasoning_tokens=10))
+    assert cost == pytest.approx(0.8 * 1.0 + 0.2 * 0.5 + 2.0)
+    # gpt-4o-mini is not gpt-4o: the catalogue prices it.
+    mini = Pricer(prices).cost(row("gpt-4o-mini", input_tokens=1_000_000, output_tokens=0))
+    assert mini == pytest.approx(0.15)
+
+
+def test_override_without_cached_price_charges_cached_as_input():
+    prices = {"my-model": config_mod.Price(input=3.0, output=6.0)}
+    assert Pricer(prices).cost(row("my-model", input_tokens=1000, cached_tokens=500, output_tokens=0)) == \
+        pytest.approx(3000 / 1e6)
+
+
+def test_unknown_model_is_null_and_warned_once(caplog):
+    pricer = Pricer()
+    rows = [row("no-such-model-xyz", input_tokens=10, output_tokens=5) for _ in range(3)]
+    with caplog.at_level(logging.WARNING, logger="addon.prices"):
+        pricer(rows)
+    assert [r["cost_usd"] for r in rows] == [None, None, None]
+    warnings = [r for r in caplog.records if "no-such-model-xyz" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_rows_without_usage_have_no_cost():
+    pricer = Pricer()
+    blocked = row("gpt-4o", outcome="blocked")
+    no_model = {"ts": "2026-11-22T10:00:00.000Z", "model": None, "input_tokens": 5}
+    pricer([blocked, no_model])
+    assert blocked["cost_usd"] is None and no_model["cost_usd"] is None
+
+
+def test_audio_seconds_and_free_models():
+    pricer = Pricer()
+    # whisper-1: $0.006 per minute.
+    assert pricer.cost(row("whisper-1", audio_seconds=60.0)) == pytest.approx(0.006)
+    # Moderation is free: a real 0, not a missing price.
+    assert pricer.cost(row("omni-moderation-latest", input_tokens=100, output_tokens=0)) == 0
+
+
+def test_catalogue_needs_no_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access while pricing")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    assert Pricer().cost(row("gpt-4.1-mini", input_tokens=1000, output_tokens=1000)) is not None
+
+
+def _write_config(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_reprice_command(tmp_path):
+    db_path = tmp_path / "usage.db"
+    db = store.connect(db_path)
+    store.migrate(db)
+    db.table("requests").insert_all([
+        row("gpt-4o", input_tokens=1_000_000, output_tokens=0, cost_usd=99.0, day="2026-11-22"),
+        row("house-model", input_tokens=1_000_000, output_tokens=1_000_000, cost_usd=None, day="2026-11-22"),
+        row("gpt-4o", outcome="blocked", cost_usd=None, day="2026-11-22"),
+    ], columns=store.REQUEST_COLUMNS)
+    db.conn.close()
+    config = _write_config(tmp_path / "config.toml", """
+[pools.all]
+models = ["*"]
+
+[prices."house-model"]
+input = 1.5
+output = 4
+""")
+    result = subprocess.run([sys.executable, "-m", "addon", "reprice", "--db", str(db_path), "--config", str(config)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "3 rows" in result.stdout and "2 changed" in result.stdout
+    conn = sqlite3.connect(db_path)
+    costs = [r[0] for r in conn.execute("select cost_usd from requests order by id")]
+    conn.close()
+    assert costs[0] == pytest.approx(2.5)
+    assert costs[1] == pytest.approx(5.5)
+    assert costs[2] is None
+
+
+def test_reprice_reports_unknown(tmp_path):
+    db = store.connect(tmp_path / "usage.db")
+    store.migrate(db)
+    db.table("requests").insert(row("mystery-1", input_tokens=1, output_tokens=1, id=7), columns=store.REQUEST_COLUMNS)
+    counts = reprice(db, Pricer())
+    assert counts == {"rows": 1, "changed": 0, "priced": 0, "unpriced": 1}
+
+
+def test_proxy_prices_rows(make_proxy, tmp_path):
+    """Through the real proxy: catalogue prices, an override and an unknown model."""
+    config = _write_config(tmp_path / "config.toml", """
+default_pool = "main"
+[pools.main]
+models = ["*"]
+
+[prices."gpt-4o-mini"]
+input = 1
+output = 2
+cached_input = 0.5
+""")
+    proxy = make_proxy(options={"usage_config": str(config)})
+    client = proxy.client()
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi there"}])
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    stream = client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "x"}], stream=True)
+    for _ in stream:
+        pass
+    client.chat.completions.create(model="unknown-model-q", messages=[{"role": "user", "content": "hi"}])
+    rows = {r["requested_model"]: r for r in proxy.wait_rows(4)}
+    assert len(rows) == 4
+
+    def expected(r, input_rate, cached_rate, output_rate):
+        uncached = r["input_tokens"] - r["cached_tokens"]
+        return (uncached * input_rate + r["cached_tokens"] * cached_rate + r["output_tokens"] * output_rate) / 1e6
+
+    gpt4o = rows["gpt-4o"]
+    assert gpt4o["model"] == "gpt-4o-2024-08-06" and gpt4o["cached_tokens"] > 0
+    assert gpt4o["cost_usd"] == pytest.approx(expected(gpt4o, 2.5, 1.25, 10))
+    mini = rows["gpt-4o-mini"]
+    assert mini["cost_usd"] == pytest.approx(expected(mini, 1, 0.5, 2))
+    gpt5 = rows["gpt-5"]
+    assert gpt5["reasoning_tokens"] > 0
+    assert gpt5["cost_usd"] == pytest.approx(expected(gpt5, 1.25, 0.125, 10))
+    assert rows["unknown-model-q"]["cost_usd"] is None
+    log = proxy.log()
+    assert log.count("unknown-model-q") >= 1 and "no price known" in log
+    assert Decimal(str(gpt4o["cost_usd"])) > 0
