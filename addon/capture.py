@@ -247,16 +247,23 @@ class UsageMeter:
     def error(self, flow: http.HTTPFlow) -> None:
         call = self.calls.pop(flow.id, None)
         if call is None:
-            return
+            # The client went away before its request was complete: the
+            # request hook never ran, but the exchange is still recorded.
+            if flow.request is None or not self.is_metered(flow.request.pretty_host) or flow.response is not None:
+                return
+            call = self._inspect(flow)
         message = flow.error.msg if flow.error else "connection error"
         if call.blocked:
             self._emit(call, flow, "blocked", error=call.block_message)
             return
         facts = self._stream_facts(call)
-        outcome = "aborted"
-        if flow.response is None and not _client_went_away(message):
-            outcome = "error"  # upstream failed before answering
-        self._emit(call, flow, outcome, facts=facts, error=message)
+        outcome, status = "aborted", None
+        client_gone = _client_went_away(message) or not flow.request.timestamp_end  # request not even complete
+        if call.stream is None and not client_gone:
+            # Upstream failed before the client got an answer (connect error,
+            # body cut short): mitmproxy answers the client 502 Bad Gateway.
+            outcome, status = "error", 502
+        self._emit(call, flow, outcome, facts=facts, error=message, status=status)
 
     # -- internals ---------------------------------------------------------
     def _inspect(self, flow: http.HTTPFlow) -> Call:
@@ -376,7 +383,7 @@ class UsageMeter:
         return meter.facts_from_body(obj)
 
     def _emit(self, call: Call, flow: http.HTTPFlow | None, outcome: str, *, facts: Any = None,
-              error: str | None = None) -> None:
+              error: str | None = None, status: int | None = None) -> None:
         if call.finished:
             return
         call.finished = True
@@ -417,7 +424,7 @@ class UsageMeter:
             "model": model,
             "requested_model": call.request.model,
             "pool": pool,
-            "status": response.status_code if response is not None else None,
+            "status": status if status is not None else response.status_code if response is not None else None,
             "outcome": outcome,
             "streamed": int(call.streamed or call.request.stream),
             "latency_ms": round((end - call.started) * 1000, 1),
