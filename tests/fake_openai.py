@@ -22,9 +22,6 @@ with `extra_headers`:
 GET /v1/organization/usage/completions and /v1/organization/costs (admin
 key `sk-admin-...`) report the usage this server sent, in buckets.
 
-GET /v1/organization/usage/completions and /v1/organization/costs (admin
-key `sk-admin-...`) report the usage this server sent, in buckets.
-
 Run standalone: python tests/fake_openai.py --port 9999 [--tls]
 """
 
@@ -54,7 +51,6 @@ class Received:
     headers: dict[str, str]
     body: bytes
     json: Any = None
-    at: float = field(default_factory=time.time)  # arrival (organization usage buckets)
     at: float = field(default_factory=time.time)  # arrival (organization usage buckets)
     usage_sent: dict | None = None  # the usage object the server produced
     frames: list[bytes] = field(default_factory=list)  # SSE frames the server meant to send
@@ -232,8 +228,6 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, _response_object(rid, "gpt-5", "completed", usage))
         if self.path.startswith("/v1/organization/"):
             return self._organization()
-        if self.path.startswith("/v1/organization/"):
-            return self._organization()
         if self.path.startswith("/v1/models"):
             return self._json(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
         self._error(404)
@@ -332,68 +326,6 @@ class Handler(BaseHTTPRequestHandler):
             return self._endless()
         frames.append(b"data: [DONE]\n\n")
         self._sse(frames)
-
-    def _organization(self) -> None:
-        """Admin Usage and Costs APIs, computed from the usage this server really sent.
-
-        GET /v1/organization/usage/completions and /v1/organization/costs with
-        start_time, end_time, bucket_width (1d|1h), group_by (model | line_item),
-        limit and page, answering pages of buckets like the real API. An admin
-        key (`sk-admin-...`) is required.
-        """
-        from urllib.parse import parse_qs, urlsplit
-
-        if not self.headers.get("authorization", "").startswith("Bearer sk-admin-"):
-            return self._json(401, {"error": {"message": "Admin API key required", "type": "invalid_request_error",
-                                              "param": None, "code": "invalid_api_key"}})
-        url = urlsplit(self.path)
-        query = {k.removesuffix("[]"): v for k, v in parse_qs(url.query).items()}
-        width = {"1d": 86400, "1h": 3600, "1m": 60}[query.get("bucket_width", ["1d"])[0]]
-        start = int(query["start_time"][0]) // width * width
-        end = int(query.get("end_time", [time.time()])[0])
-        group_by = set(query.get("group_by", []))
-        limit = int(query.get("limit", ["7"])[0])
-        first = int(query.get("page", ["page_0"])[0].removeprefix("page_"))
-        costs = url.path.endswith("/costs")
-        with self.server.state.lock:
-            served = [r for r in self.server.state.received if r.usage_sent and isinstance(r.json, dict)
-                      and re.search(r"/(chat/completions|completions|responses)$", r.path.split("?")[0])]
-        starts = list(range(start, end, width))
-        data = []
-        for bucket_start in starts[first:first + limit]:
-            results: dict[tuple, dict] = {}
-            for r in served:
-                if not bucket_start <= r.at < bucket_start + width:
-                    continue
-                model = _served_model(r.json.get("model", "gpt-4o"))
-                usage = r.usage_sent or {}
-                tokens_in = usage.get("prompt_tokens", usage.get("input_tokens", 0))
-                tokens_out = usage.get("completion_tokens", usage.get("output_tokens", 0))
-                cached = (usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}).get(
-                    "cached_tokens", 0)
-                if costs:
-                    for kind, amount in (("input", tokens_in * 2.5e-6), ("output", tokens_out * 10e-6)):
-                        item = f"{model}, {kind}" if "line_item" in group_by else None
-                        entry = results.setdefault((item,), {"object": "organization.costs.result",
-                                                             "amount": {"value": 0.0, "currency": "usd"},
-                                                             "line_item": item, "project_id": None})
-                        entry["amount"]["value"] += amount
-                    continue
-                key = (model if "model" in group_by else None,)
-                entry = results.setdefault(key, {
-                    "object": "organization.usage.completions.result", "input_tokens": 0, "output_tokens": 0,
-                    "input_cached_tokens": 0, "input_audio_tokens": 0, "output_audio_tokens": 0,
-                    "num_model_requests": 0, "project_id": None, "user_id": None, "api_key_id": None,
-                    "model": key[0], "batch": None, "service_tier": None})
-                entry["input_tokens"] += tokens_in
-                entry["output_tokens"] += tokens_out
-                entry["input_cached_tokens"] += cached
-                entry["num_model_requests"] += 1
-            data.append({"object": "bucket", "start_time": bucket_start, "end_time": bucket_start + width,
-                         "results": list(results.values())})
-        more = first + limit < len(starts)
-        self._json(200, {"object": "page", "data": data, "has_more": more,
-                         "next_page": f"page_{first + limit}" if more else None})
 
     def _organization(self) -> None:
         """Admin Usage and Costs APIs, computed from the usage this server really sent.
