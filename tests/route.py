@@ -26,13 +26,13 @@ class Route:
             data.server.address = target
 
     def requestheaders(self, flow) -> None:
-        # With eager connections mitmproxy derives the request's host from the
-        # (rerouted) server address; give the request its real host back.
+        # mitmproxy takes the request's host from the (rerouted) server
+        # connection; give the Host header its real name back, as production
+        # traffic has it, and leave the address alone so connections are reused.
         target = _target()
         if target and (flow.request.host, flow.request.port) == target:
-            sni = flow.server_conn.sni or "api.openai.com"
-            flow.request.host = sni if sni in UPSTREAM_HOSTS else "api.openai.com"
-            flow.request.port = 443
+            sni = flow.server_conn.sni if flow.server_conn.sni in UPSTREAM_HOSTS else "api.openai.com"
+            flow.request.headers["host"] = sni
 
 
 addons = [Route()]

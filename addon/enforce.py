@@ -1,0 +1,235 @@
+"""The mitmproxy addon that stops requests a spent pool cannot afford.
+
+Runs after UsageMeter (which has classified the request). Admission happens
+on the ledger thread; the event loop only awaits its answer. A refused
+request never reaches OpenAI: it gets an OpenAI-shaped 429 that the official
+SDKs do not retry (`usage_block=reject`) or its connection is killed
+(`usage_block=kill`), and it is recorded with outcome `blocked`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mitmproxy import command, ctx, exceptions, http
+
+from .alerts import AlertEvaluator, WebhookSender, ensure_dedupe_index
+from .capture import Call, UsageMeter
+from .limits import (
+    HEARTBEAT_INTERVAL,
+    Decision,
+    Ledger,
+    checks_for,
+    estimate_tokens,
+    refusal_message,
+    seconds_until,
+)
+
+log = logging.getLogger(__name__)
+
+ADMISSION_TIMEOUT = 3.0  # seconds before the fail policy decides
+TICK_INTERVAL = 1.0  # alerts evaluation and reset pick-up
+
+
+class Limits:
+    def __init__(self, meter: UsageMeter) -> None:
+        self.meter = meter
+        meter.listeners.append(self)
+        self.ledger: Ledger | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.alerts: AlertEvaluator | None = None
+        self.sender: WebhookSender | None = None
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._key: tuple | None = None
+        self._ticks = 0
+
+    # -- options -----------------------------------------------------------
+    def load(self, loader) -> None:
+        loader.add_option(
+            "usage_block", str, "reject",
+            "How a request for a spent pool is stopped: reject (OpenAI-shaped 429, not retried by SDKs) or kill.",
+            choices=("reject", "kill"),
+        )
+        loader.add_option(
+            "usage_fail", str, "",
+            "When usage cannot be known (database unavailable): open admits, closed refuses; "
+            "empty follows each pool's `fail` setting (closed for limited pools, open for track-only ones).",
+            choices=("", "open", "closed"),
+        )
+        loader.add_option("usage_alert_webhook", str, "",
+                          "URL that receives alerts as JSON POSTs (overrides [alerts] webhook in the config).")
+
+    def configure(self, updated: set[str]) -> None:
+        config = self.meter.config
+        if config is None:
+            return
+        key = (id(config), ctx.options.usage_db, ctx.options.usage_alert_webhook)
+        if key == self._key:
+            return
+        self._key = key
+        self._shutdown()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-ledger")
+        webhook = ctx.options.usage_alert_webhook or config.webhook
+        self.sender = WebhookSender(webhook, ctx.options.usage_db) if webhook else None
+        self.alerts = AlertEvaluator(self.sender)
+        self.ledger = Ledger(ctx.options.usage_db, config)
+        self.executor.submit(self._publish)
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_loop, name="usage-ticker", daemon=True)
+        self._ticker.start()
+
+    def done(self) -> None:
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(5)
+        if self.executor is not None:
+            ledger = self.ledger
+            if ledger is not None:
+                self.executor.submit(ledger.close)
+            self.executor.shutdown(wait=True)
+        if self.sender is not None:
+            self.sender.close()
+        self.executor = self.ledger = self.sender = None
+
+    # -- ledger thread -----------------------------------------------------
+    def _publish(self) -> None:
+        assert self.ledger is not None
+        try:
+            self.ledger.publish_pools()
+            ensure_dedupe_index(self.ledger.db)
+        except Exception as exc:
+            log.warning("usage: could not publish pools to the database: %s", exc)
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(TICK_INTERVAL):
+            executor = self.executor
+            if executor is None:
+                return
+            try:
+                executor.submit(self._tick)
+            except RuntimeError:
+                return  # shutting down
+
+    def _tick(self) -> None:
+        ledger, alerts = self.ledger, self.alerts
+        if ledger is None or alerts is None:
+            return
+        self._ticks += 1
+        try:
+            if self._ticks % int(HEARTBEAT_INTERVAL / TICK_INTERVAL) == 1:
+                ledger.heartbeat()
+            self._evaluate_alerts()
+        except Exception as exc:
+            log.debug("usage: ledger tick failed: %s", exc)
+
+    def _evaluate_alerts(self) -> None:
+        ledger, alerts = self.ledger, self.alerts
+        assert ledger is not None and alerts is not None
+        config = ledger.config
+        thresholds = {name: pool.thresholds for name, pool in config.pools.items()}
+        # Autocommit: the write lock is taken only when an alert actually fires.
+        alerts.evaluate(ledger.db, ledger.status(), thresholds, ledger.clock())
+
+    def _admit(self, checks, estimate) -> Decision:
+        assert self.ledger is not None and self.alerts is not None
+        decision = self.ledger.admit(checks, estimate)
+        if not decision.admitted and decision.check is not None:
+            self.alerts.note_exhausted(decision.check.pool.name, decision.check.key_id, decision.window_start)
+            try:
+                self._evaluate_alerts()
+            except Exception as exc:
+                log.debug("usage: alert evaluation failed: %s", exc)
+        return decision
+
+    # -- hooks -------------------------------------------------------------
+    async def request(self, flow: http.HTTPFlow) -> None:
+        call = self.meter.calls.get(flow.id)
+        config = self.meter.config
+        if call is None or config is None or flow.response is not None or self.executor is None:
+            return
+        checks = checks_for(config, call.pool, call.key_id, call.label)
+        if not checks:
+            return
+        estimate = estimate_tokens(
+            call.request.input_chars, flow.request.raw_content, call.request.max_output_tokens,
+            config.estimate_output_tokens, call.endpoint.name,
+        )
+        try:
+            future = self.executor.submit(self._admit, checks, estimate)
+            decision = await asyncio.wait_for(asyncio.wrap_future(future), ADMISSION_TIMEOUT)
+        except Exception as exc:  # database down, locked past the timeout, ...
+            self._fail(flow, call, checks, exc)
+            return
+        if decision.admitted:
+            call.extra["reservation"] = decision.reservation
+            return
+        self._block(flow, call, 429, decision, refusal_message(decision, self.ledger.clock() if self.ledger else None))
+
+    def _fail(self, flow: http.HTTPFlow, call: Call, checks, exc: BaseException) -> None:
+        policy = ctx.options.usage_fail or ("closed" if any(c.pool.fail == "closed" for c in checks) else "open")
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if policy == "open":
+            log.warning("usage: cannot check limits (%s); admitting (fail open)", reason)
+            return
+        message = (f"Usage limits for pool '{checks[0].pool.name}' cannot be checked right now ({reason}); "
+                   "the usage proxy is configured to refuse requests then (fail closed).")
+        log.warning("usage: cannot check limits (%s); refusing (fail closed)", reason)
+        self._block(flow, call, 503, None, message)
+
+    def _block(self, flow: http.HTTPFlow, call: Call, status: int, decision: Decision | None, message: str) -> None:
+        call.blocked = True
+        call.block_message = message
+        if ctx.options.usage_block == "kill":
+            flow.kill()
+            return
+        headers: dict[str, str] = {
+            "content-type": "application/json",
+            "x-should-retry": "false",
+        }
+        if decision is not None and decision.check is not None:
+            now = self.ledger.clock() if self.ledger else None
+            if now is not None:
+                headers["retry-after"] = str(seconds_until(decision.resets_at, now))
+            headers["x-usage-pool"] = decision.check.pool.name
+            if decision.resets_at is not None:
+                headers["x-usage-resets-at"] = decision.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        error = {
+            "message": message,
+            "type": "insufficient_quota" if status == 429 else "server_error",
+            "param": None,
+            "code": "usage_limit_exceeded" if status == 429 else "usage_unavailable",
+        }
+        flow.response = http.Response.make(status, json.dumps({"error": error}).encode(), headers)
+
+    def on_row(self, call: Call, row: dict[str, Any]) -> None:
+        reservation = call.extra.get("reservation")
+        if reservation is None:
+            return
+        row["_reservation"] = reservation
+        if self.executor is not None and self.ledger is not None:
+            try:
+                self.executor.submit(self.ledger.forget, reservation)
+            except RuntimeError:
+                pass
+
+    # -- commands ----------------------------------------------------------
+    @command.command("usage.reset")
+    def reset(self, pool: str) -> None:
+        """Reset a pool: usage before now no longer counts in its window."""
+        config = self.meter.config
+        if config is None or pool not in config.pools:
+            raise exceptions.CommandError(f"unknown pool {pool!r}")
+        if self.executor is None or self.ledger is None:
+            raise exceptions.CommandError("usage ledger is not running")
+        ledger = self.ledger
+        self.executor.submit(ledger.add_reset, pool, None, "usage.reset command")
+        log.info("usage: pool %s reset", pool)

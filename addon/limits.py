@@ -1,0 +1,479 @@
+"""Token pools with limits: admission with reservations, settlement, resets.
+
+The counters live in SQLite so that several proxy processes on one database
+share them. Every admission is one short `BEGIN IMMEDIATE` transaction on a
+dedicated thread (never on the event loop):
+
+    used (rows of the window) + reserved (requests in flight) + estimate <= limit
+
+and inserts a reservation for the estimate. The writer thread deletes the
+reservation in the same transaction that inserts the request's row, so a
+request is always counted exactly once: as reserved, then as used.
+
+`used` is kept incrementally: the ledger remembers the last `requests.id` it
+has seen and adds newer rows (from every process) to its per-window totals;
+a new window or a reset recomputes the total once from the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from . import store
+from .config import Config, Pool
+from .windows import iso_utc
+
+log = logging.getLogger(__name__)
+
+RESERVATION_TTL = 120.0  # seconds; live reservations are refreshed well before
+HEARTBEAT_INTERVAL = 30.0
+LEDGER_BUSY_TIMEOUT_MS = 2000
+WINDOW_DAYS_AHEAD = 400
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def parse_ts(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+# ---------------------------------------------------------------------------
+# Estimates
+
+_DATA_URL = re.compile(rb"data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+")
+IMAGE_TOKENS_ESTIMATE = 1000
+
+
+def estimate_tokens(body_size: int, body: bytes | None, max_output_tokens: int | None, default_output: int,
+                    endpoint: str) -> int:
+    """A cautious estimate of a request's tokens, made before it is sent.
+
+    Input: ~4 bytes of JSON per token, inline images counted as a flat
+    IMAGE_TOKENS_ESTIMATE rather than by their base64 size. Output: the
+    request's own cap (max_tokens, max_completion_tokens, max_output_tokens)
+    or the configured default. Embeddings produce no output tokens.
+    """
+    size = body_size
+    images = 0
+    if body and len(body) > 20_000:
+        for match in _DATA_URL.finditer(body):
+            size -= match.end() - match.start()
+            images += 1
+    input_tokens = max(size, 0) // 4 + images * IMAGE_TOKENS_ESTIMATE
+    if endpoint in ("embeddings", "moderations"):
+        output = 0
+    else:
+        output = max_output_tokens if max_output_tokens is not None else default_output
+    return max(input_tokens + output, 1)
+
+
+# ---------------------------------------------------------------------------
+# Windows in the database
+
+
+def window_rows(pool: Pool, tz, now: datetime, days_ahead: int = WINDOW_DAYS_AHEAD) -> list[dict[str, str]]:
+    """Calendar windows of a pool from the current one to `days_ahead` on."""
+    if pool.window.is_rolling:
+        return []
+    rows = []
+    start, end = pool.window.bounds(now, tz)
+    horizon = now + timedelta(days=days_ahead)
+    while start < horizon:
+        rows.append({"pool": pool.name, "start": iso_utc(start), "end": iso_utc(end)})
+        start, end = pool.window.bounds(end + timedelta(seconds=1), tz)
+    return rows
+
+
+def write_pools(db: sqlite_utils.Database, config: Config, now: datetime | None = None) -> None:
+    """Publish the configured pools and their windows for SQL readers (Datasette)."""
+    now = now or utc_now()
+    stamp = iso_utc(now)
+    with db.conn:
+        db.execute("DELETE FROM pools")
+        db.execute("DELETE FROM pool_windows")
+        db.table("pools").insert_all(
+            [
+                {
+                    "name": pool.name,
+                    "limit": pool.limit,
+                    "window": pool.window.kind,
+                    "rolling_hours": pool.window.rolling_hours,
+                    "timezone": config.timezone_name,
+                    "models": json.dumps(list(pool.models)),
+                    "thresholds": json.dumps(list(pool.thresholds)),
+                    "fail": pool.fail,
+                    "updated_at": stamp,
+                }
+                for pool in config.pools.values()
+            ]
+        )
+        # Keep a day of past windows so "today" still resolves just after start-up.
+        for pool in config.pools.values():
+            db.table("pool_windows").insert_all(window_rows(pool, config.timezone, now - timedelta(days=1)))
+
+
+# ---------------------------------------------------------------------------
+# Counting
+
+
+@dataclass(slots=True)
+class Check:
+    """One limit that applies to a request: the pool's, or a key's in a pool."""
+
+    pool: Pool
+    limit: int
+    key_id: str | None = None  # None: the whole pool
+
+    @property
+    def scope(self) -> str:
+        return self.pool.name if self.key_id is None else f"{self.pool.name} for key {self.key_id}"
+
+
+@dataclass(slots=True)
+class Counter:
+    """Tokens used in the current window of one pool (and key)."""
+
+    start: datetime  # effective start: window start or a later reset
+    end: datetime
+    window_start: datetime
+    total: int = 0
+    # Rolling windows: (epoch, tokens) of counted rows, oldest first.
+    events: deque = field(default_factory=deque)
+
+
+@dataclass(slots=True)
+class Decision:
+    admitted: bool
+    reservation: int | None = None
+    check: Check | None = None
+    used: int = 0
+    reserved: int = 0
+    estimate: int = 0
+    resets_at: datetime | None = None
+    window_start: datetime | None = None
+    reason: str | None = None  # when refused: "limit" or "unavailable"
+
+
+@dataclass(slots=True)
+class PoolStatus:
+    pool: str
+    key_id: str | None
+    label: str | None
+    window: str
+    limit: int | None
+    used: int
+    reserved: int
+    window_start: datetime
+    resets_at: datetime | None
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(self.limit - self.used - self.reserved, 0)
+
+    @property
+    def percentage(self) -> float | None:
+        return None if not self.limit else round(100.0 * self.used / self.limit, 2)
+
+
+class Ledger:
+    """Admission and counters over one SQLite connection, used by one thread."""
+
+    def __init__(self, path: str | Path, config: Config, clock: Clock = utc_now, owner: str | None = None) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.clock = clock
+        self.owner = owner or f"{os.uname().nodename}:{os.getpid()}"
+        self._db: sqlite_utils.Database | None = None
+        self._last_id = 0
+        self._last_reset_id: int | None = None
+        self._resets: dict[tuple[str, str | None], datetime] = {}
+        self._counters: dict[tuple[str, str | None], Counter] = {}
+        self.live: dict[int, float] = {}  # reservation id -> created (this process)
+
+    # -- connection ------------------------------------------------------
+    @property
+    def db(self) -> sqlite_utils.Database:
+        if self._db is None:
+            db = store.connect(self.path)
+            db.conn.execute(f"PRAGMA busy_timeout = {LEDGER_BUSY_TIMEOUT_MS}")
+            db.conn.isolation_level = None  # explicit BEGIN IMMEDIATE / COMMIT
+            store.migrate(db)
+            self._db = db
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.conn.close()
+            self._db = None
+
+    def _reset_connection(self) -> None:
+        try:
+            self.close()
+        except sqlite3.Error:
+            self._db = None
+        self._counters.clear()
+        self._last_id = 0
+        self._last_reset_id = None
+
+    def publish_pools(self) -> None:
+        db = self.db
+        db.conn.isolation_level = ""
+        try:
+            write_pools(db, self.config, self.clock())
+        finally:
+            db.conn.isolation_level = None
+
+    # -- admission -------------------------------------------------------
+    def admit(self, checks: list[Check], estimate: int) -> Decision:
+        """Reserve `estimate` tokens against every check, or refuse."""
+        now = self.clock()
+        conn = self.db.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._refresh(now)
+                reserved = self._reserved(now)
+                for check in checks:
+                    counter = self._counter(check.pool, check.key_id, now)
+                    held = reserved.get((check.pool.name, check.key_id), 0)
+                    if counter.total + held + estimate > check.limit:
+                        conn.execute("ROLLBACK")
+                        return Decision(False, None, check, counter.total, held, estimate,
+                                        None if check.pool.window.is_rolling else counter.end,
+                                        counter.window_start, "limit")
+                pool = checks[0].pool.name
+                key = next((c.key_id for c in checks if c.key_id), None)
+                created = time.time()
+                cursor = conn.execute(
+                    "INSERT INTO reservations (pool, key_id, tokens, created, expires, owner) VALUES (?, ?, ?, ?, ?, ?)",
+                    (pool, key, estimate, created, created + RESERVATION_TTL, self.owner),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error:
+            self._reset_connection()
+            raise
+        reservation = int(cursor.lastrowid)
+        self.live[reservation] = created
+        return Decision(True, reservation, None, estimate=estimate)
+
+    def release(self, reservation: int) -> None:
+        """Drop a reservation whose request produced no row (rare)."""
+        self.live.pop(reservation, None)
+        self.db.conn.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+
+    def forget(self, reservation: int) -> None:
+        """The row that settles this reservation is on its way to the writer."""
+        self.live.pop(reservation, None)
+
+    def heartbeat(self) -> None:
+        """Keep this process's live reservations; expire abandoned ones."""
+        now = time.time()
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            ids = list(self.live)
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                conn.execute(
+                    f"UPDATE reservations SET expires = ? WHERE id IN ({','.join('?' * len(part))})",
+                    [now + RESERVATION_TTL, *part],
+                )
+            conn.execute("DELETE FROM reservations WHERE expires <= ?", (now,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # -- counters --------------------------------------------------------
+    def _reserved(self, now: datetime) -> dict[tuple[str, str | None], int]:
+        totals: dict[tuple[str, str | None], int] = {}
+        rows = self.db.conn.execute(
+            "SELECT pool, key_id, SUM(tokens) FROM reservations WHERE expires > ? GROUP BY pool, key_id",
+            (time.time(),),
+        ).fetchall()
+        for pool, key, tokens in rows:
+            totals[(pool, None)] = totals.get((pool, None), 0) + (tokens or 0)
+            if key is not None:
+                totals[(pool, key)] = totals.get((pool, key), 0) + (tokens or 0)
+        return totals
+
+    def _refresh(self, now: datetime) -> None:
+        """Take in resets and rows written since the last look (any process)."""
+        conn = self.db.conn
+        (reset_id,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM resets").fetchone()
+        if reset_id != self._last_reset_id:
+            self._resets = {}
+            for ts, pool, key in conn.execute("SELECT ts, pool, key_id FROM resets ORDER BY id"):
+                try:
+                    self._resets[(pool, key)] = max(self._resets.get((pool, key), datetime.min.replace(tzinfo=timezone.utc)), parse_ts(ts))
+                except ValueError:
+                    continue
+            self._last_reset_id = reset_id
+            self._counters.clear()  # recompute with the new anchors
+        if not self._counters:
+            (self._last_id,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()
+            return
+        rows = conn.execute(
+            "SELECT id, ts, pool, key_id, total_tokens FROM requests WHERE id > ? AND total_tokens IS NOT NULL",
+            (self._last_id,),
+        ).fetchall()
+        (self._last_id,) = conn.execute("SELECT COALESCE(MAX(id), ?) FROM requests", (self._last_id,)).fetchone()
+        for _id, ts, pool, key, tokens in rows:
+            try:
+                moment = parse_ts(ts)
+            except (TypeError, ValueError):
+                continue
+            for scope in ((pool, None), (pool, key)) if key else ((pool, None),):
+                counter = self._counters.get(scope)
+                if counter is not None and counter.start <= moment < counter.end:
+                    counter.total += tokens
+                    if counter.events is not None and self._is_rolling(pool):
+                        counter.events.append((moment.timestamp(), tokens))
+
+    def _is_rolling(self, pool_name: str) -> bool:
+        pool = self.config.pools.get(pool_name)
+        return bool(pool and pool.window.is_rolling)
+
+    def _counter(self, pool: Pool, key_id: str | None, now: datetime) -> Counter:
+        scope = (pool.name, key_id)
+        counter = self._counters.get(scope)
+        window = pool.window
+        if counter is not None:
+            if window.is_rolling:
+                # Slide: drop what fell out of the window.
+                horizon = (now - timedelta(hours=window.rolling_hours or 0)).timestamp()
+                while counter.events and counter.events[0][0] < horizon:
+                    counter.total -= counter.events.popleft()[1]
+                counter.end = now + timedelta(days=3650)
+                return counter
+            if now < counter.end:
+                return counter
+        counter = self._load(pool, key_id, now)
+        self._counters[scope] = counter
+        return counter
+
+    def effective_start(self, pool: Pool, key_id: str | None, now: datetime) -> tuple[datetime, datetime, datetime]:
+        """(counting start, window end, window start) with resets applied."""
+        start, end = pool.window.bounds(now, self.config.timezone)
+        window_start = start
+        anchors = [self._resets.get((pool.name, None))]
+        if key_id is not None:
+            anchors.append(self._resets.get((pool.name, key_id)))
+        for anchor in anchors:
+            if anchor is not None and start <= anchor <= now:
+                start = anchor
+        return start, end, window_start
+
+    def _load(self, pool: Pool, key_id: str | None, now: datetime) -> Counter:
+        start, end, window_start = self.effective_start(pool, key_id, now)
+        counter = Counter(start, end, window_start)
+        if pool.window.is_rolling:
+            counter.end = now + timedelta(days=3650)  # open-ended; rows are evicted as they age
+        sql = "SELECT ts, total_tokens FROM requests WHERE pool = ? AND ts >= ? AND ts < ? AND total_tokens IS NOT NULL"
+        params: list[Any] = [pool.name, iso_utc(start), iso_utc(end if not pool.window.is_rolling else counter.end)]
+        if key_id is not None:
+            sql += " AND key_id = ?"
+            params.append(key_id)
+        if pool.window.is_rolling:
+            for ts, tokens in self.db.conn.execute(sql + " ORDER BY ts", params):
+                counter.events.append((parse_ts(ts).timestamp(), tokens))
+                counter.total += tokens
+        else:
+            (total,) = self.db.conn.execute(sql.replace("SELECT ts, total_tokens", "SELECT COALESCE(SUM(total_tokens), 0)"), params).fetchone()
+            counter.total = int(total)
+        return counter
+
+    # -- resets and status ---------------------------------------------
+    def add_reset(self, pool: str, key_id: str | None = None, note: str | None = None) -> str:
+        stamp = iso_utc(self.clock())
+        self.db.conn.execute("INSERT INTO resets (ts, pool, key_id, note) VALUES (?, ?, ?, ?)", (stamp, pool, key_id, note))
+        return stamp
+
+    def status(self) -> list[PoolStatus]:
+        """Every pool (and every key with its own limit) as of now."""
+        now = self.clock()
+        conn = self.db.conn
+        conn.execute("BEGIN")
+        try:
+            self._refresh(now)
+            reserved = self._reserved(now)
+            result = []
+            for pool in self.config.pools.values():
+                scopes: list[tuple[str | None, int | None, str | None]] = [(None, pool.limit, None)]
+                for rule in self.config.keys.values():
+                    if pool.name in rule.limits:
+                        scopes.append((rule.key_id, rule.limits[pool.name], rule.label))
+                for key_id, limit, label in scopes:
+                    counter = self._counter(pool, key_id, now)
+                    result.append(
+                        PoolStatus(pool.name, key_id, label, pool.window.kind, limit, counter.total,
+                                   reserved.get((pool.name, key_id), 0),
+                                   counter.start if pool.window.is_rolling else counter.window_start,
+                                   None if pool.window.is_rolling else counter.end)
+                    )
+        finally:
+            conn.execute("COMMIT")
+        return result
+
+
+# ---------------------------------------------------------------------------
+# Checks for a request
+
+
+def checks_for(config: Config, pool_name: str | None, key_id: str | None, label: str | None) -> list[Check]:
+    pool = config.pools.get(pool_name or "")
+    if pool is None:
+        return []
+    checks = []
+    if pool.limit is not None:
+        checks.append(Check(pool, pool.limit))
+    rule = config.keys.get(key_id or "") or (config.keys.get(label) if label else None)
+    if rule is not None and pool.name in rule.limits and key_id is not None:
+        checks.append(Check(pool, rule.limits[pool.name], key_id))
+    return checks
+
+
+def seconds_until(moment: datetime | None, now: datetime) -> int:
+    if moment is None:
+        return 60
+    return max(int((moment - now).total_seconds() + 0.999), 1)
+
+
+def refusal_message(decision: Decision, now: datetime) -> str:
+    check = decision.check
+    assert check is not None
+    when = iso_utc(decision.resets_at).replace(".000Z", "Z") if decision.resets_at else None
+    window = check.pool.window.kind
+    reset = f"It resets at {when} (in {seconds_until(decision.resets_at, now)} s)." if when else (
+        f"It is a rolling {window.split(':')[1]} window: capacity returns as older usage ages out.")
+    return (
+        f"Usage limit reached for pool '{check.pool.name}'"
+        + (f" (key {check.key_id})" if check.key_id else "")
+        + f": {decision.used:,} of {check.limit:,} tokens used this {window.replace('rolling:', 'rolling ')}"
+        + (f", {decision.reserved:,} reserved by requests in flight" if decision.reserved else "")
+        + f"; this request needs about {decision.estimate:,}. {reset}"
+        + " Refused by the usage proxy before reaching OpenAI."
+    )
+
