@@ -328,13 +328,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     table = Table(box=None, header_style="bold")
     for column in ("key_id", "label", "hint", "created (UTC)", "status", "req today", "tokens today"):
-        table.add_column(column, justify="right" if "today" in column else "left")
+        table.add_column(column, justify="right" if "today" in column else "left", no_wrap=True)
     for k in keys:
         n, tokens = usage.get(k.key_id, (0, 0))
         status = f"revoked {k.revoked_at[:16].replace('T', ' ')}" if k.revoked_at else "active"
         created = k.created_at[:16].replace("T", " ")
         table.add_row(k.key_id, k.label, k.key_hint, created, status, f"{n:,}", f"{tokens:,}")
-    Console().print(table if keys else "no issued keys (python -m addon keys create LABEL)")
+    console = Console()
+    if not console.is_terminal:  # a pipe: never cut columns
+        console = Console(width=200)
+    console.print(table if keys else "no issued keys (python -m addon keys create LABEL)")
     return 0
 
 
