@@ -24,6 +24,7 @@ from typing import Any
 import sqlite_utils
 
 from . import store
+from .limits import window_phrase
 from .windows import iso_utc
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def alert_message(pool: str, key_id: str | None, label: str | None, threshold: f
                   window: str, resets_at: datetime | None) -> str:
     who = f" for {label or 'key ' + str(key_id)}" if key_id else ""
     reset = f"; resets {iso_utc(resets_at).replace('.000Z', 'Z')}" if resets_at else ""
-    return (f"Pool '{pool}'{who} reached {threshold:g}% of its {window} limit: "
+    return (f"Pool '{pool}'{who} reached {threshold:g}% of its {window_phrase(window)} limit: "
             f"{used:,} of {limit:,} tokens used{reset}.")
 
 

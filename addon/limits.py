@@ -262,7 +262,8 @@ class Ledger:
                 key = next((c.key_id for c in checks if c.key_id), None)
                 created = time.time()
                 cursor = conn.execute(
-                    "INSERT INTO reservations (pool, key_id, tokens, created, expires, owner) VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO reservations (pool, key_id, tokens, created, expires, owner)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
                     (pool, key, estimate, created, created + RESERVATION_TTL, self.owner),
                 )
                 conn.execute("COMMIT")
@@ -327,9 +328,11 @@ class Ledger:
             self._resets = {}
             for ts, pool, key in conn.execute("SELECT ts, pool, key_id FROM resets ORDER BY id"):
                 try:
-                    self._resets[(pool, key)] = max(self._resets.get((pool, key), datetime.min.replace(tzinfo=timezone.utc)), parse_ts(ts))
-                except ValueError:
+                    moment = parse_ts(ts)
+                except (TypeError, ValueError):
                     continue
+                if (pool, key) not in self._resets or moment > self._resets[(pool, key)]:
+                    self._resets[(pool, key)] = moment
             self._last_reset_id = reset_id
             self._counters.clear()  # recompute with the new anchors
         if not self._counters:
@@ -401,14 +404,17 @@ class Ledger:
                 counter.events.append((parse_ts(ts).timestamp(), tokens))
                 counter.total += tokens
         else:
-            (total,) = self.db.conn.execute(sql.replace("SELECT ts, total_tokens", "SELECT COALESCE(SUM(total_tokens), 0)"), params).fetchone()
+            sum_sql = sql.replace("SELECT ts, total_tokens", "SELECT COALESCE(SUM(total_tokens), 0)")
+            (total,) = self.db.conn.execute(sum_sql, params).fetchone()
             counter.total = int(total)
         return counter
 
     # -- resets and status ---------------------------------------------
     def add_reset(self, pool: str, key_id: str | None = None, note: str | None = None) -> str:
         stamp = iso_utc(self.clock())
-        self.db.conn.execute("INSERT INTO resets (ts, pool, key_id, note) VALUES (?, ?, ?, ?)", (stamp, pool, key_id, note))
+        self.db.conn.execute(
+            "INSERT INTO resets (ts, pool, key_id, note) VALUES (?, ?, ?, ?)", (stamp, pool, key_id, note)
+        )
         return stamp
 
     def status(self) -> list[PoolStatus]:
@@ -461,6 +467,11 @@ def seconds_until(moment: datetime | None, now: datetime) -> int:
     return max(int((moment - now).total_seconds() + 0.999), 1)
 
 
+def window_phrase(window: str) -> str:
+    """day -> daily, rolling:24h -> rolling 24h."""
+    return {"day": "daily", "week": "weekly", "month": "monthly"}.get(window, window.replace("rolling:", "rolling "))
+
+
 def refusal_message(decision: Decision, now: datetime) -> str:
     check = decision.check
     assert check is not None
@@ -471,7 +482,7 @@ def refusal_message(decision: Decision, now: datetime) -> str:
     return (
         f"Usage limit reached for pool '{check.pool.name}'"
         + (f" (key {check.key_id})" if check.key_id else "")
-        + f": {decision.used:,} of {check.limit:,} tokens used this {window.replace('rolling:', 'rolling ')}"
+        + f": {decision.used:,} of its {window_phrase(window)} {check.limit:,} tokens used"
         + (f", {decision.reserved:,} reserved by requests in flight" if decision.reserved else "")
         + f"; this request needs about {decision.estimate:,}. {reset}"
         + " Refused by the usage proxy before reaching OpenAI."
