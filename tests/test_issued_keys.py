@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -174,3 +175,25 @@ def test_bad_settings_stop_startup_with_a_clear_message(tmp_path, confdir, fake_
         proxy.proc.wait(10)
         raise RuntimeError(proxy.log())
     assert message in str(info.value)
+
+
+def test_by_user_canned_query(setup, fake_server):
+    metadata = ROOT / "datasette-metadata.json"
+    queries = json.loads(metadata.read_text())["databases"]["usage"]["queries"] if metadata.exists() else {}
+    if "by_user" not in queries:
+        pytest.skip("datasette-metadata.json has no by_user query yet")
+    config, db, start = setup
+    alice, bob = create_key(db, config, "alice"), create_key(db, config, "bob")
+    proxy = start()
+    answers = [chat(proxy.client(api_key=key, max_retries=0)) for key in (alice, alice, bob)]
+    with pytest.raises(openai.AuthenticationError):
+        chat(proxy.client(api_key="sk-usr-forged000000000000000000000000000", max_retries=0))
+    proxy.wait_rows(4)
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    rows = {r["user"]: dict(r) for r in conn.execute(queries["by_user"]["sql"], {"days": ""})}
+    assert rows["alice"]["requests"] == 2 and rows["bob"]["requests"] == 1
+    assert rows["alice"]["tokens"] == sum(a.usage.total_tokens for a in answers[:2])
+    assert rows["bob"]["tokens"] == answers[2].usage.total_tokens
+    (forged,) = [r for user, r in rows.items() if user.startswith("key sk-")]
+    assert forged["refused_401"] == 1 and forged["tokens"] == 0
