@@ -294,7 +294,7 @@ class Writer:
         with self._idle:
             # Bound memory even when the writer thread is stuck (a lock held
             # past the busy timeout): the queue counts against the spool.
-            if self._pending >= self.spool_limit * 2:
+            if self._pending >= self.spool_limit * 2 + 1000:
                 self.dropped += 1
                 self._outage_dropped += 1
                 if self.dropped == 1 or self.dropped % 1000 == 0:
@@ -378,13 +378,18 @@ class Writer:
     def _open(self) -> sqlite_utils.Database:
         if self._db is not None and _file_id(self.path) != self._file:
             # Deleted or moved: the connection would keep writing into a file
-            # nobody can see any more. Closing it (the last connection)
-            # checkpoints into that file; then start a new one at the path.
+            # nobody can see any more. Its WAL is still the one at the old
+            # path: copy it into the (moved) file, then start a new database.
             log.warning("usage: database %s was deleted or moved; creating a new one", self.path)
             self.reopened += 1
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(FULL)")
+            except sqlite3.Error as exc:
+                log.warning("usage: could not checkpoint the moved database (%s)", exc)
             self._drop_connection()
             if not self.path.exists():
-                for suffix in ("-wal", "-shm"):  # orphans of the old file, if another reader kept them
+                # A new database must not pick up the old one's WAL.
+                for suffix in ("-wal", "-shm"):
                     Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         if self._db is None:
             db = connect(self.path)
@@ -516,7 +521,9 @@ class Writer:
         try:
             with open(target, "a", encoding="utf-8") as handle:
                 for row in self._spool:
-                    handle.write(json.dumps(row, default=str) + "\n")
+                    # Reservations are not carried over: this process's ones expire on their own.
+                    public = {k: v for k, v in row.items() if not k.startswith("_")}
+                    handle.write(json.dumps(public, default=str) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as exc:
