@@ -54,16 +54,10 @@ class Window:
 def local_midnight(day: date, tz: ZoneInfo) -> datetime:
     """The UTC instant at which `day` begins in `tz`.
 
-    Where midnight does not exist (a DST jump at 00:00), the day begins at the
-    first instant after the gap.
+    Where midnight does not exist (a DST jump at 00:00), PEP 495's fold=0
+    reading gives the instant of the jump: the day begins when the clocks do.
     """
-    naive = datetime(day.year, day.month, day.day)
-    aware = naive.replace(tzinfo=tz)
-    utc = aware.astimezone(timezone.utc)
-    # Round-trip check: nonexistent local times come back different.
-    if utc.astimezone(tz).replace(tzinfo=None) != naive:
-        utc = naive.replace(tzinfo=tz, fold=1).astimezone(timezone.utc)
-    return utc
+    return datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(timezone.utc)
 
 
 def local_day(instant: datetime, tz: ZoneInfo) -> str:

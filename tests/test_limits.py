@@ -1,0 +1,248 @@
+"""Windows, estimates and the ledger, on real SQLite files with an injected clock."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from addon import config as config_mod
+from addon import store
+from addon.limits import Check, Ledger, checks_for, estimate_tokens, window_rows, write_pools
+from addon.windows import Window, iso_utc
+
+UTC = timezone.utc
+PARIS = ZoneInfo("Europe/Paris")
+
+
+def utc(*args) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+# -- windows ---------------------------------------------------------------
+
+
+def test_day_window_utc():
+    start, end = Window.parse("day").bounds(utc(2026, 11, 22, 7, 30), ZoneInfo("UTC"))
+    assert (start, end) == (utc(2026, 11, 22), utc(2026, 11, 23))
+
+
+def test_week_starts_monday_and_month_bounds():
+    # 2026-11-22 is a Sunday.
+    start, end = Window.parse("week").bounds(utc(2026, 11, 22, 12), ZoneInfo("UTC"))
+    assert start == utc(2026, 11, 16) and end == utc(2026, 11, 23)
+    start, end = Window.parse("month").bounds(utc(2026, 12, 31, 23, 59), ZoneInfo("UTC"))
+    assert start == utc(2026, 12, 1) and end == utc(2027, 1, 1)
+
+
+def test_day_window_in_a_timezone_across_dst():
+    # Paris leaves summer time on 2026-10-25: that local day lasts 25 hours.
+    start, end = Window.parse("day").bounds(utc(2026, 10, 25, 12), PARIS)
+    assert start == utc(2026, 10, 24, 22) and end == utc(2026, 10, 25, 23)
+    assert end - start == timedelta(hours=25)
+    # Spring forward on 2026-03-29: 23 hours.
+    start, end = Window.parse("day").bounds(utc(2026, 3, 29, 12), PARIS)
+    assert end - start == timedelta(hours=23)
+    # Just before local midnight in UTC terms belongs to the next local day.
+    start, _ = Window.parse("day").bounds(utc(2026, 11, 22, 23, 30), PARIS)
+    assert start == utc(2026, 11, 22, 23)
+
+
+def test_midnight_that_does_not_exist():
+    # America/Santiago jumps from 00:00 to 01:00 on 2026-09-06.
+    tz = ZoneInfo("America/Santiago")
+    start, end = Window.parse("day").bounds(utc(2026, 9, 6, 15), tz)
+    assert start.astimezone(tz).hour == 1 and end - start == timedelta(hours=23)
+
+
+def test_rolling_window():
+    now = utc(2026, 11, 22, 7)
+    window = Window.parse("rolling:24h")
+    assert window.bounds(now, PARIS) == (now - timedelta(hours=24), now)
+    with pytest.raises(ValueError):
+        Window.parse("rolling:0h")
+    with pytest.raises(ValueError):
+        Window.parse("fortnight")
+
+
+def test_window_rows_cover_the_future_without_gaps():
+    pool = config_mod.Pool("p", (), Window.parse("day"), 10)
+    rows = window_rows(pool, PARIS, utc(2026, 10, 20), days_ahead=30)
+    assert len(rows) == 31  # the current window, then 30 days ahead
+    for earlier, later in zip(rows, rows[1:], strict=False):
+        assert earlier["end"] == later["start"]
+    assert any(r["start"] == "2026-10-24T22:00:00.000Z" and r["end"] == "2026-10-25T23:00:00.000Z" for r in rows)
+
+
+# -- estimates -------------------------------------------------------------
+
+
+def test_estimate_uses_output_cap_and_ignores_base64_images():
+    assert estimate_tokens(400, b"{}", 50, 1024, "chat.completions") == 150
+    assert estimate_tokens(400, b"{}", None, 1024, "chat.completions") == 100 + 1024
+    assert estimate_tokens(400, b"{}", None, 1024, "embeddings") == 100
+    image = b'{"url": "data:image/png;base64,' + b"A" * 400_000 + b'"}'
+    assert estimate_tokens(len(image), image, 10, 1024, "chat.completions") < 2_000
+
+
+# -- ledger ----------------------------------------------------------------
+
+CONFIG = """
+timezone = "Europe/Paris"
+default_pool = "premium"
+[pools.premium]
+limit = 1000
+window = "day"
+models = ["gpt-4o"]
+[pools.hourly]
+limit = 500
+window = "rolling:2h"
+models = ["o3"]
+[pools.free]
+models = ["text-embedding-*"]
+[keys.abc123]
+label = "alice"
+limits = { premium = 300 }
+"""
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def setup(tmp_path):
+    config = config_mod.parse(CONFIG, tmp_path / "c.toml")
+    db = store.connect(tmp_path / "usage.db")
+    store.migrate(db)
+    clock = Clock(utc(2026, 11, 22, 10))
+    ledger = Ledger(tmp_path / "usage.db", config, clock=clock)
+    yield config, db, clock, ledger
+    ledger.close()
+
+
+def add_row(db, ts: datetime, pool: str, tokens: int, key_id: str | None = None, reservation: int | None = None):
+    row = {"ts": iso_utc(ts), "pool": pool, "total_tokens": tokens, "key_id": key_id, "outcome": "ok"}
+    if reservation:
+        row["_reservation"] = reservation
+    with db.conn:
+        store.insert_rows(db, [row])
+
+
+def test_admission_counts_rows_and_reservations(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "premium", None, None)
+    add_row(db, clock.now - timedelta(hours=1), "premium", 600)
+    add_row(db, clock.now - timedelta(days=1), "premium", 900)  # yesterday: not counted
+    first = ledger.admit(checks, 300)
+    assert first.admitted
+    refused = ledger.admit(checks, 150)  # 600 used + 300 reserved + 150 > 1000
+    assert not refused.admitted and refused.used == 600 and refused.reserved == 300
+    assert refused.resets_at == utc(2026, 11, 22, 23)  # midnight in Paris
+    # The request settles with fewer tokens than reserved: room again.
+    add_row(db, clock.now, "premium", 250, reservation=first.reservation)
+    assert db.execute("select count(*) from reservations").fetchone()[0] == 0
+    assert ledger.admit(checks, 150).admitted
+
+
+def test_window_rollover_in_the_configured_timezone(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "premium", None, None)
+    add_row(db, clock.now, "premium", 950)
+    assert not ledger.admit(checks, 100).admitted
+    clock.now = utc(2026, 11, 22, 22, 59)  # 23:59 in Paris
+    assert not ledger.admit(checks, 100).admitted
+    clock.now = utc(2026, 11, 22, 23, 0)  # midnight in Paris: new day
+    assert ledger.admit(checks, 100).admitted
+
+
+def test_rolling_window_slides(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "hourly", None, None)
+    add_row(db, clock.now - timedelta(minutes=90), "hourly", 400)
+    assert not ledger.admit(checks, 200).admitted
+    clock.now += timedelta(minutes=31)  # the 400 aged out of the 2h window
+    assert ledger.admit(checks, 200).admitted
+
+
+def test_key_limit_and_pool_limit_both_apply(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "premium", "abc123", None)
+    assert [c.key_id for c in checks] == [None, "abc123"]
+    add_row(db, clock.now, "premium", 250, key_id="abc123")
+    refused = ledger.admit(checks, 100)
+    assert not refused.admitted and refused.check.key_id == "abc123"
+    # Another key still has the pool's room.
+    assert ledger.admit(checks_for(config, "premium", "other", None), 100).admitted
+    # Labels work as the key of a rule too.
+    assert len(checks_for(config, "premium", "zzz", "abc123")) == 2
+
+
+def test_track_only_pool_has_no_checks(setup):
+    config, *_ = setup
+    assert checks_for(config, "free", "abc123", None) == []
+    assert checks_for(config, "nope", None, None) == []
+
+
+def test_reset_anchor(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "premium", None, None)
+    add_row(db, clock.now - timedelta(minutes=5), "premium", 990)
+    assert not ledger.admit(checks, 100).admitted
+    other = Ledger(ledger.path, config, clock=clock)  # e.g. the CLI in another process
+    other.add_reset("premium")
+    other.close()
+    clock.now += timedelta(seconds=1)
+    assert ledger.admit(checks, 100).admitted
+    status = {s.pool: s for s in ledger.status() if s.key_id is None}
+    assert status["premium"].used == 0 and status["premium"].reserved == 100
+
+
+def test_two_ledgers_share_counts(setup):
+    config, db, clock, ledger = setup
+    other = Ledger(ledger.path, config, clock=clock, owner="other")
+    checks = checks_for(config, "premium", None, None)
+    assert ledger.admit(checks, 600).admitted
+    assert not other.admit(checks, 600).admitted  # sees the first one's reservation
+    assert other.admit(checks, 400).admitted
+    other.close()
+
+
+def test_stale_reservations_expire(setup, monkeypatch):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "premium", None, None)
+    crashed = Ledger(ledger.path, config, clock=clock, owner="crashed")
+    assert crashed.admit(checks, 900).admitted
+    crashed.close()  # never settles: a kill -9
+    assert not ledger.admit(checks, 200).admitted
+    import addon.limits as limits
+
+    real_time = limits.time.time
+    monkeypatch.setattr(limits.time, "time", lambda: real_time() + limits.RESERVATION_TTL + 1)
+    assert ledger.admit(checks, 200).admitted
+    ledger.heartbeat()
+    owners = [r[0] for r in db.execute("select owner from reservations")]
+    assert "crashed" not in owners
+
+
+def test_write_pools_publishes_current_window(setup):
+    config, db, clock, _ = setup
+    write_pools(db, config, clock.now)
+    pools = {r["name"]: r for r in db.table("pools").rows}
+    assert pools["premium"]["limit"] == 1000 and pools["free"]["limit"] is None
+    assert pools["hourly"]["rolling_hours"] == 2
+    now = iso_utc(clock.now)
+    current = db.execute(
+        "select start, end from pool_windows where pool = 'premium' and start <= ? and ? < end", [now, now]
+    ).fetchall()
+    assert current == [("2026-11-21T23:00:00.000Z", "2026-11-22T23:00:00.000Z")]
+
+
+def test_check_scope_names():
+    pool = config_mod.Pool("p", (), Window.parse("day"), 10)
+    assert Check(pool, 10).scope == "p" and Check(pool, 5, "k").scope == "p for key k"
