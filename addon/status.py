@@ -89,13 +89,16 @@ def run_status(args: argparse.Namespace) -> int:
         pct = f"{row['percentage']:.1f}" if row["percentage"] is not None else "-"
         resets = _local(row["resets_at_local"]) if row["resets_at_local"] else "rolling"
         table.add_row(name, row["window"], limit, f"{row['used']:,}", f"{row['reserved']:,}", remaining, pct, resets)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # piped: do not squeeze to 80 columns
+    console.print(table)
     return 0
 
 
 def _local(text: str) -> str:
     moment = datetime.fromisoformat(text)
-    return moment.strftime("%Y-%m-%d %H:%M %Z").strip()
+    return moment.strftime("%Y-%m-%d %H:%M")
 
 
 def run_reset(args: argparse.Namespace) -> int:
