@@ -200,9 +200,14 @@ class UsageMeter:
             self.after_commit(db, rows)
 
     def done(self) -> None:
-        for flow_id, call in list(self.calls.items()):
-            # Flows still open at shutdown: record what is known.
-            self._emit(call, None, "aborted", error="proxy shut down before the exchange finished")
+        for call in list(self.calls.values()):
+            # Flows still open at shutdown: record what is known. A stream
+            # whose end already went to the client is complete, not aborted.
+            facts = self._stream_facts(call)
+            if facts is not None and facts.done and facts.usage is not None and not call.stream.broken:
+                self._emit(call, None, "ok", facts=facts)
+            else:
+                self._emit(call, None, "aborted", facts=facts, error="proxy shut down before the exchange finished")
         self.calls.clear()
         if self.writer is not None:
             self.writer.flush(timeout=30)
@@ -232,6 +237,7 @@ class UsageMeter:
         strip = call.extra.get("injected_usage", False) and "content-length" not in response.headers
         call.streamed = True
         call.stream = StreamTap(strip, response.headers.get("content-encoding"), self.max_sse_buffer)
+        call.extra["response_head"] = (response.status_code, response.headers.get("x-request-id"))  # for done()
         response.stream = call.stream
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -414,6 +420,9 @@ class UsageMeter:
             if response.timestamp_end:
                 end = response.timestamp_end
         headers = response.headers if response is not None else {}
+        if response is None and "response_head" in call.extra:  # shut down mid-stream
+            status = status or call.extra["response_head"][0]
+            headers = {"x-request-id": call.extra["response_head"][1]}
         row: dict[str, Any] = {
             "ts": iso_utc(started),
             "day": local_day(started, self.config.timezone) if self.config else started.date().isoformat(),
