@@ -110,7 +110,7 @@ class Handler(BaseHTTPRequestHandler):
     def _record(self, body: bytes) -> Received:
         try:
             parsed = json.loads(body) if body else None
-        except ValueError:
+        except (ValueError, RecursionError):
             parsed = None
         received = Received(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, parsed)
         with self.server.state.lock:
