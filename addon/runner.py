@@ -1,0 +1,199 @@
+"""`python -m addon run` (what `make run` calls): the proxy and Datasette together.
+
+The schema is migrated first so Datasette has tables to show from the first
+second; then `mitmdump -s addon/usage.py` and `datasette serve` run side by
+side over the same SQLite file (WAL: Datasette reads while the proxy
+writes). Ctrl-C stops both; if either dies, the other is stopped too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).with_name("usage.py")
+METADATA = ROOT / "datasette-metadata.json"
+DB_NAME = "usage"  # the database name the metadata (canned queries, dashboard) is written for
+STOP_TIMEOUT = 15.0
+
+
+def _bin(name: str) -> str:
+    """A console script of this interpreter's environment (.venv/bin), else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def prepare_database(db_path: Path, config_path: str | None) -> None:
+    """Validate the config, create the tables and publish the pools before anything reads them."""
+    from . import config as config_mod
+    from . import store
+
+    config = config_mod.load(config_path)  # a bad config stops here, before anything starts
+    db = store.connect(db_path)
+    try:
+        store.migrate(db)
+        try:
+            from .limits import write_pools
+        except ImportError:
+            return
+        write_pools(db, config)
+    finally:
+        db.conn.close()
+
+
+def metadata_for(db_path: Path, directory: Path) -> Path:
+    """The metadata file for this database: as is for usage.db, renamed for any other file name."""
+    name = db_path.stem
+    if name == DB_NAME:
+        return METADATA
+    text = METADATA.read_text(encoding="utf-8")
+    data = json.loads(text)
+    data["databases"] = {name: data["databases"][DB_NAME]}
+    for dashboard in data.get("plugins", {}).get("datasette-dashboards", {}).values():
+        for item in [*dashboard.get("charts", {}).values(), *dashboard.get("filters", {}).values()]:
+            if item.get("db") == DB_NAME:
+                item["db"] = name
+    data["description_html"] = data.get("description_html", "").replace(f"/{DB_NAME}/", f"/{name}/")
+    path = directory / "datasette-metadata.json"
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return path
+
+
+def proxy_command(args: argparse.Namespace) -> list[str]:
+    cmd = [_bin("mitmdump"), "--listen-host", args.proxy_host, "--listen-port", str(args.proxy_port),
+           "-s", str(SCRIPT), "--set", f"usage_db={Path(args.db).resolve()}"]
+    if args.config:
+        cmd += ["--set", f"usage_config={Path(args.config).resolve()}"]
+    if args.mode:
+        cmd += ["--mode", args.mode]
+    return cmd + list(args.mitmdump_args)
+
+
+def datasette_command(args: argparse.Namespace, metadata: Path) -> list[str]:
+    return [_bin("datasette"), "serve", str(Path(args.db).resolve()), "--metadata", str(metadata),
+            "--host", args.datasette_host, "--port", str(args.datasette_port)] + list(args.datasette_arg or [])
+
+
+def banner(args: argparse.Namespace) -> str:
+    proxy = f"http://{args.proxy_host}:{args.proxy_port}"
+    ui = f"http://{args.datasette_host}:{args.datasette_port}"
+    name = Path(args.db).stem
+    confdir = _confdir(args.mitmdump_args)
+    ca = confdir / "mitmproxy-ca-cert.pem"
+    lines = [f"Metering OpenAI traffic into {args.db}", ""]
+    if args.mode and args.mode.startswith("reverse"):
+        lines += ["Point clients at the proxy (reverse mode, no certificate needed):",
+                  f"  export OPENAI_BASE_URL={proxy}/v1"]
+    else:
+        lines += [
+            "Point clients at the proxy:",
+            f"  export HTTPS_PROXY={proxy}",
+            f"  export SSL_CERT_FILE={ca}        # Python SDK, curl: trust the mitmproxy CA",
+            f"  export NODE_USE_ENV_PROXY=1 NODE_EXTRA_CA_CERTS={ca}   # Node",
+            f"  export CODEX_CA_CERTIFICATE={ca}   # Codex CLI",
+            f"Or without a certificate: python -m addon run --mode reverse:https://api.openai.com, "
+            f"then OPENAI_BASE_URL={proxy}/v1",
+        ]
+    lines += [
+        "",
+        f"Dashboard:  {ui}/-/dashboards/{name}",
+        f"JSON API:   {ui}/{name}/status.json?_shape=array  (also history, alerts, by_model, by_key, recent, blocked)",
+        f"Requests:   {ui}/{name}/requests",
+        "",
+        "Ctrl-C stops both.",
+    ]
+    return "\n".join(lines)
+
+
+def _confdir(mitm_args: list[str]) -> Path:
+    for i, arg in enumerate(mitm_args):
+        value = arg.split("=", 1)[1] if arg.startswith("confdir=") else None
+        if arg == "--set" and i + 1 < len(mitm_args) and mitm_args[i + 1].startswith("confdir="):
+            value = mitm_args[i + 1].split("=", 1)[1]
+        if value:
+            return Path(value).expanduser()
+    return Path("~/.mitmproxy").expanduser()
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 0.0) -> None:
+    """SIGINT (a graceful stop: the proxy writes its last rows), then kill after STOP_TIMEOUT."""
+    deadline = time.monotonic() + grace
+    while grace and time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.05)  # a terminal Ctrl-C reached them already: let them finish on their own
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for proc in procs:
+        try:
+            proc.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    db_path = Path(args.db)
+    prepare_database(db_path, args.config)
+    with tempfile.TemporaryDirectory(prefix="usage-datasette-") as tmp:
+        metadata = metadata_for(db_path, Path(tmp))
+        procs: list[subprocess.Popen] = []
+        # Ctrl-C reaches the children from the terminal too; here it only means "stop and wait".
+        try:
+            procs.append(subprocess.Popen(proxy_command(args), cwd=os.getcwd()))
+            procs.append(subprocess.Popen(datasette_command(args, metadata), cwd=os.getcwd()))
+            print(banner(args), flush=True)
+            while True:
+                for proc, name in zip(procs, ("mitmdump", "datasette"), strict=True):
+                    code = proc.poll()
+                    if code is not None:
+                        print(f"{name} exited with {code}; stopping", file=sys.stderr, flush=True)
+                        _stop(procs)
+                        return code or 1
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            print("\nstopping proxy and Datasette ...", flush=True)
+            _stop(procs, grace=1.0)
+            return 0
+        finally:
+            _stop(procs)
+
+
+def register(subparsers) -> None:
+    from .cli import add_common
+
+    parser = subparsers.add_parser(
+        "run",
+        help="run the proxy (127.0.0.1:8080) and Datasette (127.0.0.1:8001) over one database",
+        description="Run `mitmdump -s addon/usage.py` and `datasette serve` over the same SQLite database. "
+        "Arguments after `--` go to mitmdump, e.g. `-- --set usage_block=kill`.",
+    )
+    add_common(parser)
+    parser.add_argument("--proxy-host", default="127.0.0.1", help="proxy listen address (default 127.0.0.1)")
+    parser.add_argument("--proxy-port", type=int, default=8080, help="proxy port (default 8080)")
+    parser.add_argument("--mode", default=None, help="mitmproxy mode, e.g. reverse:https://api.openai.com")
+    parser.add_argument("--datasette-host", default="127.0.0.1",
+                        help="Datasette listen address (default 127.0.0.1; see README before exposing it)")
+    parser.add_argument("--datasette-port", type=int, default=8001, help="Datasette port (default 8001)")
+    parser.add_argument("--datasette-arg", action="append", metavar="ARG",
+                        help="extra argument for `datasette serve` (repeatable), e.g. --datasette-arg=--setting=...")
+    parser.add_argument("mitmdump_args", nargs=argparse.REMAINDER, metavar="-- MITMDUMP_ARGS",
+                        help="passed to mitmdump as is")
+    parser.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.mitmdump_args and args.mitmdump_args[0] == "--":
+        args.mitmdump_args = args.mitmdump_args[1:]
+    return run(args)
