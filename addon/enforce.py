@@ -217,9 +217,16 @@ class Limits:
         row["_reservation"] = reservation
         if self.executor is not None and self.ledger is not None:
             try:
-                self.executor.submit(self.ledger.forget, reservation)
+                self.executor.submit(self._settle, reservation, row.get("total_tokens") or 0)
             except RuntimeError:
-                pass
+                pass  # shutting down: the writer settles it with the row
+
+    def _settle(self, reservation: int, tokens: int) -> None:
+        assert self.ledger is not None
+        try:
+            self.ledger.settle(reservation, tokens)
+        except Exception as exc:  # the row will settle it anyway
+            log.debug("usage: settling reservation %s failed: %s", reservation, exc)
 
     # -- commands ----------------------------------------------------------
     @command.command("usage.reset")

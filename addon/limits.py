@@ -283,9 +283,15 @@ class Ledger:
         self.live.pop(reservation, None)
         self.db.conn.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
 
-    def forget(self, reservation: int) -> None:
-        """The row that settles this reservation is on its way to the writer."""
+    def settle(self, reservation: int, tokens: int) -> None:
+        """The request is done: hold its real usage until its row lands.
+
+        The writer deletes the reservation in the transaction that inserts
+        the row; until then the reservation counts what was really used,
+        not the estimate, so writer lag never makes the pool look fuller.
+        """
         self.live.pop(reservation, None)
+        self.db.conn.execute("UPDATE reservations SET tokens = ? WHERE id = ?", (tokens, reservation))
 
     def heartbeat(self) -> None:
         """Keep this process's live reservations; expire abandoned ones."""
