@@ -257,7 +257,7 @@ class Ledger:
                         conn.execute("ROLLBACK")
                         return Decision(False, None, check, counter.total, held, estimate,
                                         None if check.pool.window.is_rolling else counter.end,
-                                        counter.window_start, "limit")
+                                        counter.start, "limit")
                 pool = checks[0].pool.name
                 key = next((c.key_id for c in checks if c.key_id), None)
                 created = time.time()
@@ -442,7 +442,7 @@ class Ledger:
                     result.append(
                         PoolStatus(pool.name, key_id, label, pool.window.kind, limit, counter.total,
                                    reserved.get((pool.name, key_id), 0),
-                                   counter.start if pool.window.is_rolling else counter.window_start,
+                                   counter.start,  # after a reset, counting starts there
                                    None if pool.window.is_rolling else counter.end)
                     )
         finally:
