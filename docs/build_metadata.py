@@ -201,6 +201,7 @@ SELECT {label_sql} AS {category}, coalesce(sum(total_tokens), 0) AS tokens, roun
  GROUP BY 1 ORDER BY tokens DESC LIMIT 10""",
         "library": "vega-lite",
         "display": {
+            "height": {"step": 22},
             "mark": {"type": "bar", "tooltip": True},
             "encoding": {
                 "y": {"field": category, "type": "nominal", "sort": "-x", "title": None},
@@ -243,6 +244,9 @@ DASHBOARD: dict[str, Any] = {
             "query": f"""SELECT * FROM ({STATUS}) WHERE "limit" IS NOT NULL""",
             "library": "vega-lite",
             "display": {
+                "height": {"step": 36},
+                "transform": [{"calculate": "format(datum.percentage, '.1f') + '% of ' + format(datum.limit, ',')",
+                               "as": "label"}],
                 "encoding": {
                     "y": {"field": "pool", "type": "nominal", "title": None},
                     "x": {"field": "percentage", "type": "quantitative", "title": "% of limit",
@@ -270,7 +274,7 @@ DASHBOARD: dict[str, Any] = {
                     },
                     {
                         "mark": {"type": "text", "align": "left", "dx": 4},
-                        "encoding": {"text": {"field": "percentage", "type": "quantitative", "format": ".1f"}},
+                        "encoding": {"text": {"field": "label", "type": "nominal"}},
                     },
                 ],
             },
@@ -285,6 +289,7 @@ SELECT day, coalesce(pool, '(none)') AS pool, coalesce(sum(total_tokens), 0) AS 
  GROUP BY day, pool ORDER BY day""",
             "library": "vega-lite",
             "display": {
+                "height": 220,
                 "mark": {"type": "bar", "tooltip": True},
                 "encoding": {
                     "x": {"field": "day", "type": "ordinal", "title": None},
@@ -304,6 +309,7 @@ SELECT day, round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
  GROUP BY day ORDER BY day""",
             "library": "vega-lite",
             "display": {
+                "height": 220,
                 "mark": {"type": "bar", "tooltip": True, "color": "#54a24b"},
                 "encoding": {
                     "x": {"field": "day", "type": "ordinal", "title": None},
