@@ -143,9 +143,14 @@ def _stop(procs: list[subprocess.Popen], grace: float = 0.0) -> None:
             proc.wait()
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # `kill` (SIGTERM) stops both as gracefully as Ctrl-C
+
+
 def run(args: argparse.Namespace) -> int:
     db_path = Path(args.db)
     prepare_database(db_path, args.config)
+    signal.signal(signal.SIGTERM, _terminated)
     with tempfile.TemporaryDirectory(prefix="usage-datasette-") as tmp:
         metadata = metadata_for(db_path, Path(tmp))
         procs: list[subprocess.Popen] = []

@@ -85,7 +85,7 @@ HISTORY = f"""WITH {CLOCK}, {MIDNIGHT}, {SINCE}
 SELECT day, pool,
        count(*) AS requests,
        coalesce(sum(total_tokens), 0) AS tokens,
-       sum(cost_usd) AS cost_usd,
+       round(sum(cost_usd), 9) AS cost_usd,
        coalesce(sum(input_tokens), 0) AS input_tokens,
        coalesce(sum(cached_tokens), 0) AS cached_tokens,
        coalesce(sum(output_tokens), 0) AS output_tokens,
@@ -110,7 +110,7 @@ SELECT model, pool,
        coalesce(sum(output_tokens), 0) AS output_tokens,
        coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens,
        coalesce(sum(total_tokens), 0) AS tokens,
-       sum(cost_usd) AS cost_usd,
+       round(sum(cost_usd), 9) AS cost_usd,
        round(avg(latency_ms), 1) AS avg_latency_ms
   FROM requests, since
  WHERE requests.ts >= since.from_ts AND model IS NOT NULL
@@ -122,7 +122,7 @@ keys AS (
   SELECT key_id,
          count(*) AS requests,
          coalesce(sum(total_tokens), 0) AS tokens,
-         sum(cost_usd) AS cost_usd,
+         round(sum(cost_usd), 9) AS cost_usd,
          sum(outcome = 'blocked') AS blocked,
          max(ts) AS last_seen,
          max(id) AS last_id
@@ -142,7 +142,7 @@ SELECT coalesce(label, 'key ' || key_hint, '(no key)') AS user,
        coalesce(sum(total_tokens), 0) AS tokens,
        coalesce(sum(input_tokens), 0) AS input_tokens,
        coalesce(sum(output_tokens), 0) AS output_tokens,
-       sum(cost_usd) AS cost_usd,
+       round(sum(cost_usd), 9) AS cost_usd,
        sum(outcome = 'blocked') AS blocked,
        sum(status = 401) AS refused_401,
        max(ts) AS last_seen

@@ -68,6 +68,24 @@ def test_run_starts_both_and_ctrl_c_stops_both(tmp_path, confdir, fake_server):
             runner.wait()
 
 
+def test_run_stops_both_on_sigterm(tmp_path):
+    proxy_port, ui_port = free_port(), free_port()
+    runner = subprocess.Popen([sys.executable, "-m", "addon", "run", "--db", str(tmp_path / "usage.db"),
+                               "--proxy-port", str(proxy_port), "--datasette-port", str(ui_port)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(proxy_port, timeout=30, proc=runner)
+        wait_port(ui_port, timeout=30, proc=runner)
+        children = psutil.Process(runner.pid).children()
+        runner.terminate()  # only the runner gets it, not its children
+        assert runner.wait(30) == 0
+        assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+
+
 def test_run_refuses_a_bad_config(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[pools.x]\nlimit = -1\n")
