@@ -314,6 +314,11 @@ SELECT day, round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
                 "encoding": {
                     "x": {"field": "day", "type": "ordinal", "title": None},
                     "y": {"field": "cost_usd", "type": "quantitative", "title": "USD"},
+                    "tooltip": [
+                        {"field": "day", "type": "ordinal"},
+                        {"field": "cost_usd", "type": "quantitative", "title": "cost (USD)", "format": ".6f"},
+                        {"field": "unpriced_requests", "type": "quantitative", "title": "requests without a price"},
+                    ],
                 },
             },
         },
