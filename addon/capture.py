@@ -119,11 +119,14 @@ class StreamTap:
         return self.parser.close()
 
     def _strip(self, data: bytes) -> list[bytes]:
+        # Returns at most one non-empty piece: one write per network chunk, and
+        # never b"" (HTTP/1 would send it as the chunk that ends the body).
         try:
             events = self._events(data)
         except Exception as exc:  # overflow (or a bug): hand back what is held
             self._give_up(str(exc) if isinstance(exc, SSEOverflow) else f"stream parsing failed: {exc!r}")
-            return [self.parser.drain()]
+            held = self.parser.drain()
+            return [held] if held else []
         out: list[bytes] = []
         for event in events:
             keep = True
@@ -136,7 +139,8 @@ class StreamTap:
                 out.append(event.raw)
         if self.broken is not None:
             out.append(self.parser.drain())
-        return out
+        joined = b"".join(out)
+        return [joined] if joined else []
 
     def _give_up(self, reason: str) -> None:
         self.broken = reason

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from .sse import SSEEvent
@@ -28,6 +29,7 @@ class Endpoint:
     response_id: str | None = None  # for /responses/{id}...
 
 
+@lru_cache(maxsize=4096)
 def classify(method: str, path: str) -> Endpoint:
     """Name the API endpoint of a request path (query string allowed)."""
     path = path.split("?", 1)[0].rstrip("/") or "/"
@@ -268,9 +270,12 @@ class StreamMeter:
             self.done = True
             return True
         name = event.event
+        # Only parse what can matter: the first chunk (model, id), chunks with a
+        # usage object (not `"usage":null`, which every chunk carries once
+        # include_usage is on), errors, and named events of interest.
         interesting = (
             not self._first_seen
-            or '"usage"' in data
+            or ('"usage"' in data and _USAGE_OBJECT.search(data) is not None)
             or '"error"' in data
             or (name is not None and name.startswith(("response.", "error", "transcript.", "speech.")))
         )
@@ -328,6 +333,7 @@ class StreamMeter:
             self.error = facts.error
 
 
+_USAGE_OBJECT = re.compile(r'"usage"\s*:\s*\{')
 _TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _RESPONSE_EVENTS_WITH_FACTS = _TERMINAL_RESPONSE_EVENTS | {
     "response.created",

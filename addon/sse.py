@@ -58,6 +58,10 @@ class SSEParser:
         if self.overflowed:
             raise SSEOverflow("parser stopped after overflow")
         buffer = self._buffer
+        # Fast path: the chunk is exactly one LF-terminated event (how OpenAI's
+        # frames usually arrive).
+        if not buffer and chunk.find(b"\n\n") == len(chunk) - 2 >= 0 and b"\r" not in chunk:
+            return [parse_event(chunk)]
         # Only rescan the tail that could complete a terminator.
         scan_from = max(len(buffer) - 3, 0)
         buffer += chunk
@@ -100,6 +104,18 @@ class SSEParser:
 
 def parse_event(raw: bytes) -> SSEEvent:
     """Parse one event's raw bytes (comment-only blocks have `comment` set)."""
+    # Fast paths for what OpenAI sends: "data: X\n\n" (Chat Completions) and
+    # "event: E\ndata: X\n\n" (Responses). Anything else takes the general path.
+    if raw.endswith(b"\n\n") and b"\r" not in raw:
+        lines = raw.count(b"\n")
+        if lines == 2 and raw.startswith(b"data: "):
+            return SSEEvent(event=None, data=raw[6:-2].decode("utf-8", errors="replace"), raw=raw)
+        if lines == 3 and raw.startswith(b"event: "):
+            split = raw.index(b"\n") + 1
+            if raw.startswith(b"data: ", split):
+                name = raw[7 : split - 1].decode("utf-8", errors="replace")
+                data = raw[split + 6 : -2].decode("utf-8", errors="replace")
+                return SSEEvent(event=name, data=data, raw=raw)
     text = raw.decode("utf-8", errors="replace")
     if text.startswith("\ufeff"):
         text = text[1:]

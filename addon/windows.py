@@ -66,7 +66,7 @@ def local_day(instant: datetime, tz: ZoneInfo) -> str:
 
 def iso_utc(instant: datetime) -> str:
     """ISO 8601 UTC with milliseconds: 2026-11-22T07:25:00.123Z."""
-    return instant.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{instant.microsecond // 1000:03d}Z"
+    return instant.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def utc_now() -> datetime:

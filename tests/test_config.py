@@ -144,3 +144,16 @@ def test_mitmdump_refuses_to_start_with_a_bad_config(tmp_path: Path):
     assert f"{bad}:4: pools.premium.limit must be a whole number" in output
     # Nothing half-applied: no database was opened for this configuration.
     assert not db.exists()
+
+
+def test_iso_utc_and_local_day():
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    from addon.windows import iso_utc, local_day
+
+    instant = datetime(2026, 11, 22, 23, 25, 0, 123999, tzinfo=timezone(timedelta(hours=-2)))
+    assert iso_utc(instant) == "2026-11-23T01:25:00.123Z"
+    assert iso_utc(datetime(2026, 1, 1, tzinfo=timezone.utc)) == "2026-01-01T00:00:00.000Z"
+    assert local_day(instant, ZoneInfo("UTC")) == "2026-11-23"
+    assert local_day(instant, ZoneInfo("America/Sao_Paulo")) == "2026-11-22"

@@ -370,3 +370,25 @@ def test_stream_without_usage_has_none():
     stream = b"".join(frames)
     assert run_stream(tap, stream, [5, 50]) == stream
     assert tap.meter.usage is None and tap.meter.done
+
+
+def test_strip_mode_never_hands_mitmproxy_an_empty_chunk():
+    # An empty piece would go out as HTTP/1's last chunk and end the body early.
+    tap = StreamTap(strip=True, content_encoding=None, max_buffer=1 << 20)
+    frames, _ = chat_stream(include_usage=True)
+    stream = b"".join(frames)
+    pieces = [tap(stream[i : i + 3]) for i in range(0, len(stream), 3)] + [tap(b"")]
+    assert all(isinstance(p, list) and len(p) <= 1 and all(p) for p in pieces)
+    # Several events in one network chunk go out as one write.
+    tap = StreamTap(strip=True, content_encoding=None, max_buffer=1 << 20)
+    assert tap(b"".join(frames[:3])) == [b"".join(frames[:3])]
+
+
+def test_fast_paths_agree_with_the_general_parser():
+    from addon.sse import parse_event
+
+    for raw in [b'data: {"a":"\xc3\xa9"}\n\n', b"event: response.completed\ndata: {}\n\n", b"event: x\ndata:y\n\n",
+                b"event:  x\ndata:  y\n\n", b"data: a\ndata: b\n\n", b"\ndata: y\n\n"]:
+        fast = parse_event(raw)
+        general = parse_event(raw.replace(b"\n", b"\r\n"))
+        assert (fast.event, fast.data, fast.comment) == (general.event, general.data, general.comment), raw

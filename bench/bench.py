@@ -1,0 +1,400 @@
+"""Benchmark: mitmdump with the usage addon against plain mitmdump.
+
+Both proxies run in reverse mode in front of the same fake OpenAI server
+(tests/fake_openai.py, TLS, its own process); tests/route.py sends
+api.openai.com to it in both. The same light asyncio HTTP/1.1 client sends
+the same mix of streaming and non-streaming calls through each, in
+alternating rounds so drift on the machine hits both alike.
+
+Measured:
+- throughput: requests/second with N keep-alive connections, and the CPU
+  time mitmdump spends per request (the proxy is the bottleneck here);
+- time to first streamed chunk: sequential streamed chat completions, time
+  from sending the request to the first body byte, median and p90;
+- memory: RSS of each mitmdump before and after the load.
+
+    .venv/bin/python bench/bench.py [--duration 8] [--rounds 3] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+KEY = "sk-bench-0000000000000000000000000000BNCH"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+# ---------------------------------------------------------------------------
+# Traffic
+
+
+def _chat(stream: bool, chunks: int = 8) -> tuple[str, bytes, dict[str, str]]:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Write a haiku about proxies."}]}
+    if stream:
+        body["stream"] = True
+    return "/v1/chat/completions", json.dumps(body).encode(), {"x-fake-chunks": str(chunks)}
+
+
+def _responses_stream() -> tuple[str, bytes, dict[str, str]]:
+    body = {"model": "gpt-5", "input": "Summarise the plot of Hamlet.", "stream": True}
+    return "/v1/responses", json.dumps(body).encode(), {"x-fake-chunks": "8"}
+
+
+def _embeddings() -> tuple[str, bytes, dict[str, str]]:
+    body = {"model": "text-embedding-3-small", "input": ["one", "two", "three"]}
+    return "/v1/embeddings", json.dumps(body).encode(), {}
+
+
+# Half streamed, half not: what a coding agent plus some batch jobs send.
+MIX = [_chat(False), _chat(True), _responses_stream(), _chat(False), _chat(True), _embeddings()]
+
+
+def request_bytes(port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Authorization: Bearer {KEY}",
+             "Content-Type: application/json", "Accept-Encoding: gzip", "User-Agent: bench/1",
+             f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; just enough protocol for this."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, raw: bytes) -> tuple[int, float, float]:
+        """Send a request; return (status, seconds to first body byte, seconds to the end)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        reader = self.reader
+        assert reader is not None
+        start = time.perf_counter()
+        self.writer.write(raw)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        headers = {}
+        for line in head.split(b"\r\n")[1:]:
+            if b":" in line:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+        first = None
+        if b"content-length" in headers:
+            length = int(headers[b"content-length"])
+            if length:
+                await reader.readexactly(length)
+            first = time.perf_counter()
+        else:
+            while True:
+                size = int((await reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    await reader.readline()
+                    break
+                await reader.readexactly(size + 2)
+                if first is None:
+                    first = time.perf_counter()
+        end = time.perf_counter()
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return status, (first or end) - start, end - start
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+@dataclass
+class LoadResult:
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    statuses: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+async def load(port: int, duration: float, concurrency: int) -> LoadResult:
+    result = LoadResult()
+    requests = [request_bytes(port, *kind) for kind in MIX]
+    stop_at = time.perf_counter() + duration
+
+    async def worker(index: int) -> None:
+        conn = Connection(port)
+        n = index
+        while time.perf_counter() < stop_at:
+            try:
+                status, _, _ = await asyncio.wait_for(conn.request(requests[n % len(requests)]), 30)
+            except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
+                result.errors += 1
+                conn.close()
+                continue
+            result.statuses[status] = result.statuses.get(status, 0) + 1
+            result.requests += 1
+            n += 1
+        conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+async def first_chunk_times(port: int, samples: int) -> list[float]:
+    """Sequential streamed chat completions; seconds to the first body byte."""
+    path, body, headers = _chat(True, chunks=3)
+    raw = request_bytes(port, path, body, {**headers, "x-fake-delay": "0.02"})
+    conn = Connection(port)
+    times = []
+    for _ in range(samples):
+        try:
+            status, first, _ = await asyncio.wait_for(conn.request(raw), 30)
+        except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
+            conn.close()
+            continue
+        if status == 200:
+            times.append(first)
+    conn.close()
+    return times
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+
+# The capture addon alone, without pricing, limits, issued keys, body log:
+# tells how the overhead splits between metering and the rest.
+METER_ONLY = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from addon.capture import UsageMeter
+addons = [UsageMeter()]
+"""
+
+# name -> (description, extra mitmdump arguments); {db} and {workdir} are filled in.
+VARIANTS = {
+    "plain": ("plain mitmdump", []),
+    "plain-stream": ("plain mitmdump, stream_large_bodies=1 (streams SSE)", ["--set", "stream_large_bodies=1"]),
+    "meter": ("capture addon only", ["-s", "{workdir}/meter_only.py", "--set", "usage_db={db}"]),
+    "addon": ("addon/usage.py (everything)", ["-s", str(ROOT / "addon" / "usage.py"), "--set", "usage_db={db}"]),
+}
+
+
+class Mitmdump:
+    def __init__(self, name: str, workdir: Path, confdir: Path, fake_port: int) -> None:
+        self.name = name
+        self.port = free_port()
+        self.db = workdir / f"{name}.db"
+        args = [str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
+                "--mode", "reverse:https://api.openai.com", "--set", f"confdir={confdir}",
+                "--set", "ssl_insecure=true", "--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
+                "-s", str(ROOT / "tests" / "route.py")]
+        args += [a.format(db=self.db, workdir=workdir) for a in VARIANTS[name][1]]
+        env = {**os.environ, "FAKE_OPENAI_ADDR": f"127.0.0.1:{fake_port}", "PYTHONUNBUFFERED": "1"}
+        self.log = open(workdir / f"{name}.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+        wait_port(self.port, self.proc)
+        self.ps = psutil.Process(self.proc.pid)
+
+    def rss_mb(self) -> float:
+        return self.ps.memory_info().rss / 1e6
+
+    def cpu(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(2)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def rows_in(db: Path) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("select count(*) from requests").fetchone()[0]
+    except sqlite3.Error:
+        return -1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per throughput round (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per proxy (default 3)")
+    parser.add_argument("--concurrency", type=int, default=8, help="keep-alive connections (default 8)")
+    parser.add_argument("--ttfb-samples", type=int, default=60, help="streamed requests for TTFB (default 60)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="usage-bench-"))
+    confdir = workdir / "conf"
+    fake_port = free_port()
+    fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_openai.py"), "--port", str(fake_port),
+                             "--tls"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proxies: dict[str, Mitmdump] = {}
+    try:
+        wait_port(fake_port, fake)
+        (workdir / "meter_only.py").write_text(METER_ONLY)
+        for name in VARIANTS:
+            proxies[name] = Mitmdump(name, workdir, confdir, fake_port)
+        results = run(proxies, psutil.Process(fake.pid), args)
+        results["rows_written"] = {name: rows_in(proxies[name].db) for name in ("meter", "addon")}
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+        fake.terminate()
+        fake.wait(10)
+    report(results, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+THROUGHPUT = ("plain", "plain-stream", "meter", "addon")
+TTFB = ("plain-stream", "meter", "addon", "plain")
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def run(proxies: dict[str, Mitmdump], fake: psutil.Process, args) -> dict:
+    results: dict = {name: {"rps": [], "cpu_ms_per_request": [], "cpu_percent": [], "errors": 0, "requests": 0,
+                            "ttfb_ms": []} for name in proxies}
+    # Warm up (TLS to upstream, imports, first DB writes), then take the baseline RSS.
+    for name in THROUGHPUT:
+        asyncio.run(load(proxies[name].port, 1.5, args.concurrency))
+    for name, proxy in proxies.items():
+        results[name]["rss_before_mb"] = proxy.rss_mb()
+    for round_no in range(args.rounds):
+        # Rotate the order so that no variant always runs first or last.
+        shift = round_no % len(THROUGHPUT)
+        order = THROUGHPUT[shift:] + THROUGHPUT[:shift]
+        for name in order:
+            proxy = proxies[name]
+            cpu_before, fake_before, client_before = proxy.cpu(), _cpu(fake), time.process_time()
+            res = asyncio.run(load(proxy.port, args.duration, args.concurrency))
+            cpu = proxy.cpu() - cpu_before
+            others = f"fake {100 * (_cpu(fake) - fake_before) / res.seconds:3.0f}%, client " \
+                     f"{100 * (time.process_time() - client_before) / res.seconds:3.0f}%"
+            per_request = cpu * 1000 / max(res.requests, 1)
+            results[name]["rps"].append(res.rps)
+            results[name]["cpu_ms_per_request"].append(per_request)
+            results[name]["cpu_percent"].append(100 * cpu / res.seconds)
+            results[name]["errors"] += res.errors + sum(v for k, v in res.statuses.items() if k != 200)
+            results[name]["requests"] += res.requests
+            print(f"  round {round_no + 1}: {name:12} {res.rps:7.1f} req/s  {per_request:5.2f} ms CPU/request  "
+                  f"CPU: mitmdump {100 * cpu / res.seconds:3.0f}%, {others}  errors {res.errors}", flush=True)
+    time.sleep(1.0)  # let the writer threads finish their last batch
+    for name, proxy in proxies.items():
+        results[name]["rss_after_mb"] = proxy.rss_mb()
+    # Time to first chunk on idle proxies, interleaved in blocks of ten.
+    for _ in range(max(args.ttfb_samples // 10, 1)):
+        for name in TTFB:
+            results[name]["ttfb_ms"] += [t * 1000 for t in asyncio.run(first_chunk_times(proxies[name].port, 10))]
+    return results
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def p90(values: list[float]) -> float:
+    return statistics.quantiles(values, n=10)[-1] if len(values) >= 10 else float("nan")
+
+
+def report(results: dict, args) -> None:
+    plain, meter_, addon = results["plain"], results["meter"], results["addon"]
+    stream = results["plain-stream"]
+
+    def line(label: str, a: float, b: float, c: float, kind: str) -> str:
+        if kind == "ratio":
+            versus = f"{c / a:.3f}x" if a else "-"
+        else:
+            versus = f"{c - a:+.2f}"
+        return f"| {label:38} | {a:9.2f} | {b:9.2f} | {c:9.2f} | {versus:>10} |"
+
+    print()
+    print(f"traffic: {len(MIX)} request kinds in rotation (chat, chat stream, responses stream, embeddings; "
+          f"half streamed), {args.concurrency} keep-alive connections, {args.rounds} rounds x {args.duration:g} s "
+          "per proxy, reverse mode, fake upstream over TLS in its own process")
+    print("requests: " + ", ".join(f"{n} {results[n]['requests']} ({results[n]['errors']} errors)"
+                                    for n in THROUGHPUT) + f"; rows written: {results.get('rows_written')}")
+    print()
+    print(f"| {'metric':38} | {'plain':>9} | {'meter':>9} | {'addon':>9} | {'addon/plain':>10} |")
+    print(f"|{'-' * 40}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 12}|")
+    print(line("throughput, req/s (median of rounds)", med(plain["rps"]), med(meter_["rps"]), med(addon["rps"]),
+               "ratio"))
+    print(line("mitmdump CPU per request, ms", med(plain["cpu_ms_per_request"]),
+               med(meter_["cpu_ms_per_request"]), med(addon["cpu_ms_per_request"]), "ratio"))
+    print(line("first streamed chunk, median ms", med(stream["ttfb_ms"]), med(meter_["ttfb_ms"]),
+               med(addon["ttfb_ms"]), "diff"))
+    print(line("first streamed chunk, p90 ms", p90(stream["ttfb_ms"]), p90(meter_["ttfb_ms"]), p90(addon["ttfb_ms"]),
+               "diff"))
+    print(line("RSS after warm-up, MB", plain["rss_before_mb"], meter_["rss_before_mb"], addon["rss_before_mb"],
+               "diff"))
+    print(line("RSS growth during the load, MB", plain["rss_after_mb"] - plain["rss_before_mb"],
+               meter_["rss_after_mb"] - meter_["rss_before_mb"], addon["rss_after_mb"] - addon["rss_before_mb"],
+               "diff"))
+    print()
+    print("plain = plain mitmdump; for the first-chunk rows it runs with stream_large_bodies=1, because plain "
+          f"mitmdump buffers SSE (default plain: first chunk after {med(plain['ttfb_ms']):.1f} ms, the whole stream).")
+    print("meter = the capture addon alone (addon.capture.UsageMeter); addon = addon/usage.py with every addon.")
+    throughput = med(addon["rps"]) / med(plain["rps"]) if med(plain["rps"]) else 0.0
+    ttfb = med(addon["ttfb_ms"]) - med(stream["ttfb_ms"])
+    print()
+    print(f"goals: throughput ratio >= 0.95: {'met' if throughput >= 0.95 else 'MISSED'} ({throughput:.3f}, "
+          f"capture only {med(meter_['rps']) / med(plain['rps']):.3f}); "
+          f"first chunk within 5 ms of plain: {'met' if ttfb <= 5 else 'MISSED'} ({ttfb:+.2f} ms)")
+    results["summary"] = {"throughput_ratio": throughput, "ttfb_diff_ms": ttfb,
+                          "meter_throughput_ratio": med(meter_["rps"]) / med(plain["rps"])}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
