@@ -68,7 +68,7 @@ class Call:
     user_agent: str | None = None
     pool: str | None = None
     streamed: bool = False
-    stream: "StreamTap | None" = None
+    stream: StreamTap | None = None
     blocked: bool = False
     block_message: str | None = None
     finished: bool = False
@@ -166,13 +166,15 @@ class UsageMeter:
     def load(self, loader) -> None:
         loader.add_option("usage_db", str, "usage.db", "SQLite file that receives one row per metered call (WAL mode).")
         loader.add_option(
-            "usage_config", str, "", "TOML file with pools, limits, keys, alerts and prices; empty for the bundled default."
+            "usage_config", str, "",
+            "TOML file with pools, limits, keys, alerts and prices; empty for the bundled default."
         )
         loader.add_option(
             "usage_hosts",
             str,
             "api.openai.com",
-            "Comma-separated hosts to meter; wildcards like *.openai.azure.com allowed. Other traffic passes untouched.",
+            "Comma-separated hosts to meter; wildcards like *.openai.azure.com allowed. "
+            "Other traffic passes untouched.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -288,7 +290,8 @@ class UsageMeter:
                 body = req.get_content(strict=True) or b""
             except ValueError:
                 body = b""
-                log.warning("usage: cannot decode %s request body (content-encoding %r)", req.path, req.headers.get("content-encoding"))
+                log.warning("usage: cannot decode %s request body (content-encoding %r)",
+                            req.path, req.headers.get("content-encoding"))
             if len(body) <= MAX_PARSED_REQUEST:
                 body_obj = meter.parse_json(body)
                 facts = meter.facts_from_request(body_obj, len(body))
@@ -383,7 +386,8 @@ class UsageMeter:
         try:
             body = response.get_content(strict=True) or b""
         except ValueError:
-            log.warning("usage: cannot decode %s response (content-encoding %r)", call.path, response.headers.get("content-encoding"))
+            log.warning("usage: cannot decode %s response (content-encoding %r)",
+                        call.path, response.headers.get("content-encoding"))
             return meter.BodyFacts(error=f"undecodable content-encoding {response.headers.get('content-encoding')!r}")
         obj = meter.parse_json(body)
         if obj is None:

@@ -94,7 +94,7 @@ def encode(body: bytes, encoding: str) -> bytes:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "FakeServer"
+    server: FakeServer
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -250,7 +250,8 @@ class Handler(BaseHTTPRequestHandler):
             if path.endswith("/responses"):
                 return self._responses(received, body)
             if path.endswith("/embeddings"):
-                usage = {"prompt_tokens": count_tokens(body.get("input")), "total_tokens": count_tokens(body.get("input"))}
+                tokens = count_tokens(body.get("input"))
+                usage = {"prompt_tokens": tokens, "total_tokens": tokens}
                 received.usage_sent = usage
                 return self._json(200, {"object": "list", "model": body.get("model"), "usage": usage,
                                         "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]})
@@ -260,7 +261,8 @@ class Handler(BaseHTTPRequestHandler):
                 usage = {"input_tokens": 30, "input_tokens_details": {"text_tokens": 30, "image_tokens": 0},
                          "output_tokens": 4160, "total_tokens": 4190}
                 received.usage_sent = usage
-                return self._json(200, {"created": int(time.time()), "data": [{"b64_json": "aGVsbG8="}], "usage": usage})
+                image = {"b64_json": "aGVsbG8="}
+                return self._json(200, {"created": int(time.time()), "data": [image], "usage": usage})
             if path.endswith("/moderations"):
                 return self._json(200, {"id": "modr-1", "model": "omni-moderation-latest", "results": []})
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):  # the client (proxy) hung up
@@ -290,7 +292,9 @@ class Handler(BaseHTTPRequestHandler):
             message = {"role": "assistant", "content": "hello " * chunks, "refusal": None}
             return self._json(200, {
                 "id": cid, "object": "chat.completion", "created": created, "model": served,
-                "choices": [{"index": i, "message": message, "finish_reason": "stop", "logprobs": None} for i in range(n)],
+                "choices": [
+                    {"index": i, "message": message, "finish_reason": "stop", "logprobs": None} for i in range(n)
+                ],
                 "usage": usage, "service_tier": "default", "system_fingerprint": "fp_fake",
             })
         include_usage = (body.get("stream_options") or {}).get("include_usage") is True
@@ -514,7 +518,7 @@ class FakeServer(ThreadingHTTPServer):
     def port(self) -> int:
         return self.server_address[1]
 
-    def start(self) -> "FakeServer":
+    def start(self) -> FakeServer:
         self.thread = threading.Thread(target=self.serve_forever, name="fake-openai", daemon=True)
         self.thread.start()
         return self
