@@ -149,7 +149,19 @@ class Pricing:
     def configure(self, updated: set[str]) -> None:
         # The meter's own configure ran first (it comes earlier in `addons`).
         if "usage_config" in updated or self.meter.prepare_rows is None:
+            first = self.meter.prepare_rows is None
             self.meter.prepare_rows = Pricer.from_config(self.meter.config)
+            if first:
+                # Loading the price data takes ~0.5 s: do it now, off the event loop,
+                # rather than delay the writer's first batch.
+                threading.Thread(target=_warm_up, name="usage-prices-warmup", daemon=True).start()
+
+
+def _warm_up() -> None:
+    try:
+        Pricer().cost({"model": "gpt-4o", "input_tokens": 1, "output_tokens": 1})
+    except Exception:  # only a warm-up; real rows report their own problems
+        log.debug("usage: price data warm-up failed", exc_info=True)
 
 
 # -- python -m addon reprice ---------------------------------------------------
