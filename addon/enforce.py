@@ -48,6 +48,7 @@ class Limits:
         self._ticker: threading.Thread | None = None
         self._key: tuple | None = None
         self._ticks = 0
+        self._failing = False
 
     # -- options -----------------------------------------------------------
     def load(self, loader) -> None:
@@ -169,6 +170,9 @@ class Limits:
         except Exception as exc:  # database down, locked past the timeout, ...
             self._fail(flow, call, checks, exc)
             return
+        if self._failing:
+            self._failing = False
+            log.warning("usage: limits can be checked again")
         if decision.admitted:
             call.extra["reservation"] = decision.reservation
             return
@@ -177,12 +181,14 @@ class Limits:
     def _fail(self, flow: http.HTTPFlow, call: Call, checks, exc: BaseException) -> None:
         policy = ctx.options.usage_fail or ("closed" if any(c.pool.fail == "closed" for c in checks) else "open")
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if not self._failing:  # log the state change, not every request
+            self._failing = True
+            log.warning("usage: cannot check limits (%s); pools fail %s until the database answers",
+                        reason, ctx.options.usage_fail or "per their `fail` setting")
         if policy == "open":
-            log.warning("usage: cannot check limits (%s); admitting (fail open)", reason)
             return
         message = (f"Usage limits for pool '{checks[0].pool.name}' cannot be checked right now ({reason}); "
                    "the usage proxy is configured to refuse requests then (fail closed).")
-        log.warning("usage: cannot check limits (%s); refusing (fail closed)", reason)
         self._block(flow, call, 503, None, message)
 
     def _block(self, flow: http.HTTPFlow, call: Call, status: int, decision: Decision | None, message: str) -> None:
