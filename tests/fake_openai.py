@@ -16,7 +16,9 @@ with `extra_headers`:
                                 truncate-stream | stall-headers (sleep
                                 x-fake-stall s before answering) |
                                 invalid-utf8 (bytes that are not UTF-8 in
-                                the JSON body or every SSE event)
+                                the JSON body or every SSE event) |
+                                dribble (SSE frames sent 7 bytes at a time)
+    x-fake-newline: crlf        SSE lines end with CRLF
     x-fake-chunks: 5            content chunks in a stream (default 3)
 
 GET /v1/organization/usage/completions and /v1/organization/costs (admin
@@ -185,6 +187,8 @@ class Handler(BaseHTTPRequestHandler):
     def _sse(self, frames: list[bytes]) -> None:
         delay = float(self.headers.get("x-fake-delay") or 0)
         behavior = self.headers.get("x-fake-behavior", "")
+        if self.headers.get("x-fake-newline") == "crlf":
+            frames = [frame.replace(b"\n", b"\r\n") for frame in frames]
         current = getattr(self, "received_now", None)
         if current is not None:
             current.frames = list(frames)
@@ -206,6 +210,11 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(delay)
             if behavior == "invalid-utf8":
                 frame = frame.replace(b"data: {", b'data: {"junk\xc3\x28\xff":1,', 1)
+            if behavior == "dribble":  # frames cut every 7 bytes: mid-line, mid-UTF-8
+                for start in range(0, len(frame), 7):
+                    self._chunk(frame[start : start + 7])
+                    time.sleep(0.001)
+                continue
             self._chunk(frame)
         self._sse_end()
 

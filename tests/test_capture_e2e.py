@@ -218,6 +218,29 @@ def test_stream_without_include_usage_is_counted_and_looks_untouched(case, behav
     assert row["response_id"].startswith("chatcmpl-")
 
 
+@pytest.mark.parametrize("newline", ["lf", "crlf"])
+def test_stream_split_at_any_byte_and_crlf(case, newline):
+    """Upstream cuts every frame into 7-byte pieces (mid-line, mid-UTF-8)."""
+    body = stream_raw(case, model="gpt-4o", messages=MESSAGES, stream=True, extra_headers={
+        "x-fake-behavior": "dribble", "x-fake-newline": newline})
+    [up] = case.upstream()
+    usage_frame = next(f for f in up.frames if b'"usage":{' in f)
+    assert body == b"".join(f for f in up.frames if f != usage_frame)
+    assert (b"\r\n" in body) == (newline == "crlf")
+    [row] = case.rows(1)
+    assert row["outcome"] == "ok" and tokens(row) == chat_tokens(up.usage_sent)
+
+
+@pytest.mark.parametrize("newline", ["lf", "crlf"])
+def test_responses_stream_split_at_any_byte(case, newline):
+    events = list(case.client.responses.create(model="gpt-5", input="héllo 😀", stream=True, extra_headers={
+        "x-fake-behavior": "dribble", "x-fake-newline": newline}))
+    assert events[-1].type == "response.completed"
+    [up] = case.upstream()
+    [row] = case.rows(1)
+    assert row["outcome"] == "ok" and tokens(row) == resp_tokens(up.usage_sent)
+
+
 def test_sdk_iteration_sees_only_content_chunks(case):
     chunks = list(case.client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True,
                                                       stream_options={"include_usage": False}))
