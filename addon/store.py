@@ -438,8 +438,19 @@ class Writer:
         self._claimed.clear()
 
     def _commit(self, db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
-        with db.atomic():  # one transaction per batch (insert_all alone commits every 500 rows)
-            insert_rows(db, rows)
+        # One transaction per batch (insert_all alone commits every 500 rows),
+        # write lock first: a deferred BEGIN that reads the schema and then
+        # writes fails at once ("database is locked") when another process
+        # (a ledger, a second proxy) wrote in between; IMMEDIATE waits instead.
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            with db.atomic():
+                insert_rows(db, rows)
+            db.conn.commit()
+        except BaseException:
+            if db.conn.in_transaction:
+                db.conn.rollback()
+            raise
         self.written += len(rows)
         if self.after_commit:
             try:
