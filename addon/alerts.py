@@ -64,7 +64,10 @@ class AlertEvaluator:
             if not status.limit:
                 continue
             window_start = iso_utc(status.window_start)
-            percentage = 100.0 * status.used / status.limit
+            # Reservations count too: finished requests whose rows are still
+            # on their way hold their real usage there.
+            used = status.used + (getattr(status, "reserved", 0) or 0)
+            percentage = 100.0 * used / status.limit
             if (status.pool, status.key_id, window_start) in self.exhausted:
                 # A refusal means the pool cannot take more: that is 100%.
                 percentage = max(percentage, 100.0)
@@ -81,10 +84,10 @@ class AlertEvaluator:
                     "key_id": status.key_id,
                     "window_start": window_start,
                     "threshold": threshold,
-                    "used": status.used,
+                    "used": used,
                     "limit": status.limit,
                     "message": alert_message(status.pool, status.key_id, getattr(status, "label", None), threshold,
-                                             status.used, status.limit, status.window, status.resets_at),
+                                             used, status.limit, status.window, status.resets_at),
                     "delivered": 0,
                     "attempts": 0,
                     "dedupe": dedupe,
