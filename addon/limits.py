@@ -201,6 +201,8 @@ class Ledger:
         self.clock = clock
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}"
         self._db: sqlite_utils.Database | None = None
+        self._file: tuple[int, int] | None = None
+        self._moved = False
         self._last_id = 0
         self._last_reset_id: int | None = None
         self._resets: dict[tuple[str, str | None], datetime] = {}
@@ -210,12 +212,23 @@ class Ledger:
     # -- connection ------------------------------------------------------
     @property
     def db(self) -> sqlite_utils.Database:
+        if self._db is not None and store.file_id(self.path) != self._file:
+            # Deleted or moved: counting on in the old file would be invisible
+            # to every other reader; start over on the file at the path.
+            log.warning("usage: database %s was deleted or moved; the ledger reopens it", self.path)
+            self._reset_connection()
+            self._moved = True
+        if self._db is None and self._moved and not self.path.exists():
+            # The writer recreates it (after moving the old WAL out of the
+            # way); creating it here could pair a new file with the old WAL.
+            raise sqlite3.OperationalError(f"database {self.path} is missing")
         if self._db is None:
             db = store.connect(self.path)
             db.conn.execute(f"PRAGMA busy_timeout = {LEDGER_BUSY_TIMEOUT_MS}")
             db.conn.isolation_level = None  # explicit BEGIN IMMEDIATE / COMMIT
             store.migrate(db)
             self._db = db
+            self._file = store.file_id(self.path)
         return self._db
 
     def close(self) -> None:

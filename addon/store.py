@@ -233,7 +233,9 @@ def is_transient(exc: BaseException) -> bool:
     return "_".join(name.split("_")[:2]) in TRANSIENT_ERRORS
 
 
-def _file_id(path: Path) -> tuple[int, int] | None:
+def file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file, None when it is missing: tells a moved or
+    deleted database from the one a connection has open."""
     try:
         st = path.stat()
     except OSError:
@@ -376,7 +378,7 @@ class Writer:
         self._drop_connection()
 
     def _open(self) -> sqlite_utils.Database:
-        if self._db is not None and _file_id(self.path) != self._file:
+        if self._db is not None and file_id(self.path) != self._file:
             # Deleted or moved: the connection would keep writing into a file
             # nobody can see any more. Its WAL is still the one at the old
             # path: copy it into the (moved) file, then start a new database.
@@ -395,7 +397,7 @@ class Writer:
             db = connect(self.path)
             try:
                 migrate(db)
-                self._file = _file_id(self.path)
+                self._file = file_id(self.path)
             except BaseException:
                 db.conn.close()
                 raise

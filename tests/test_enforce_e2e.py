@@ -275,3 +275,31 @@ def test_webhook_failures_are_recorded(tmp_path):
     server.shutdown()
     row = db.execute("select delivered, attempts, last_error from alerts where id = 1").fetchone()
     assert row == (0, 3, "HTTP 500")
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+def test_fail_policy_when_the_database_is_locked(make_proxy, tmp_path, policy):
+    """Another process holds the write lock: usage cannot be checked."""
+    import sqlite3
+
+    proxy = make_proxy(options={"usage_config": write_config(tmp_path, 100000), "usage_fail": policy})
+    client = proxy.client(max_retries=0)
+    assert ask(client).usage.total_tokens > 0  # schema exists, pools published
+    proxy.wait_rows(1)
+    locker = sqlite3.connect(proxy.db, timeout=10)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        if policy == "open":
+            assert ask(client).usage.total_tokens > 0
+        else:
+            with pytest.raises(openai.InternalServerError) as refused:
+                ask(client)
+            assert refused.value.status_code == 503
+            assert refused.value.body["code"] == "usage_unavailable"
+            assert refused.value.response.headers["x-should-retry"] == "false"
+    finally:
+        locker.rollback()
+        locker.close()
+    rows = proxy.wait_rows(2)
+    assert [r["outcome"] for r in rows] == ["ok", "ok" if policy == "open" else "blocked"]
+    assert proxy.log().count("cannot check limits") == 1
