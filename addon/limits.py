@@ -34,7 +34,7 @@ import sqlite_utils
 
 from . import store
 from .config import Config, Pool
-from .windows import iso_utc
+from .windows import iso_utc, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,6 @@ LEDGER_BUSY_TIMEOUT_MS = 2000
 WINDOW_DAYS_AHEAD = 400
 
 Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def parse_ts(text: str) -> datetime:
@@ -290,11 +286,6 @@ class Ledger:
         reservation = int(cursor.lastrowid)
         self.live[reservation] = created
         return Decision(True, reservation, None, estimate=estimate)
-
-    def release(self, reservation: int) -> None:
-        """Drop a reservation whose request produced no row (rare)."""
-        self.live.pop(reservation, None)
-        self.db.conn.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
 
     def settle(self, reservation: int, tokens: int) -> None:
         """The request is done: hold its real usage until its row lands.
