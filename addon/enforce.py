@@ -49,6 +49,7 @@ class Limits:
         self._key: tuple | None = None
         self._ticks = 0
         self._failing = False
+        self._settles: list[tuple[int, int]] = []  # (reservation, tokens) to apply
 
     # -- options -----------------------------------------------------------
     def load(self, loader) -> None:
@@ -126,6 +127,12 @@ class Limits:
             return
         self._ticks += 1
         try:
+            settles = self._take_settles()
+            try:
+                ledger.settle(settles)
+            except BaseException:
+                self._settles.extend(settles)
+                raise
             if self._ticks % int(HEARTBEAT_INTERVAL / TICK_INTERVAL) == 1:
                 ledger.heartbeat()
             self._evaluate_alerts()
@@ -142,7 +149,12 @@ class Limits:
 
     def _admit(self, checks, estimate) -> Decision:
         assert self.ledger is not None and self.alerts is not None
-        decision = self.ledger.admit(checks, estimate)
+        settles = self._take_settles()
+        try:
+            decision = self.ledger.admit(checks, estimate, settles)
+        except BaseException:
+            self._settles.extend(settles)  # try again with the next transaction
+            raise
         if not decision.admitted and decision.check is not None:
             self.alerts.note_exhausted(decision.check.pool.name, decision.check.key_id, decision.window_start)
             try:
@@ -221,18 +233,13 @@ class Limits:
         if reservation is None:
             return
         row["_reservation"] = reservation
-        if self.executor is not None and self.ledger is not None:
-            try:
-                self.executor.submit(self._settle, reservation, row.get("total_tokens") or 0)
-            except RuntimeError:
-                pass  # shutting down: the writer settles it with the row
+        # Applied by the ledger thread in its next transaction (admission or
+        # tick): no thread hand-off per response.
+        self._settles.append((reservation, row.get("total_tokens") or 0))
 
-    def _settle(self, reservation: int, tokens: int) -> None:
-        assert self.ledger is not None
-        try:
-            self.ledger.settle(reservation, tokens)
-        except Exception as exc:  # the row will settle it anyway
-            log.debug("usage: settling reservation %s failed: %s", reservation, exc)
+    def _take_settles(self) -> list[tuple[int, int]]:
+        taken, self._settles = self._settles, []
+        return taken
 
     # -- commands ----------------------------------------------------------
     @command.command("usage.reset")

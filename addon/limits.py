@@ -250,13 +250,18 @@ class Ledger:
             db.conn.isolation_level = None
 
     # -- admission -------------------------------------------------------
-    def admit(self, checks: list[Check], estimate: int) -> Decision:
-        """Reserve `estimate` tokens against every check, or refuse."""
+    def admit(self, checks: list[Check], estimate: int, settles: list[tuple[int, int]] = ()) -> Decision:
+        """Reserve `estimate` tokens against every check, or refuse.
+
+        `settles` are (reservation, tokens) of finished requests, applied
+        first in the same transaction (see `settle`).
+        """
         now = self.clock()
         conn = self.db.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
+                self._apply_settles(settles)
                 self._refresh(now)
                 reserved = self._reserved(now)
                 for check in checks:
@@ -287,15 +292,31 @@ class Ledger:
         self.live[reservation] = created
         return Decision(True, reservation, None, estimate=estimate)
 
-    def settle(self, reservation: int, tokens: int) -> None:
-        """The request is done: hold its real usage until its row lands.
+    def settle(self, settles: list[tuple[int, int]]) -> None:
+        """Finished requests: hold their real usage until their rows land.
 
-        The writer deletes the reservation in the transaction that inserts
-        the row; until then the reservation counts what was really used,
-        not the estimate, so writer lag never makes the pool look fuller.
+        The writer deletes a reservation in the transaction that inserts its
+        row; until then the reservation counts what was really used, not the
+        estimate, so writer lag never makes the pool look fuller.
         """
-        self.live.pop(reservation, None)
-        self.db.conn.execute("UPDATE reservations SET tokens = ? WHERE id = ?", (tokens, reservation))
+        if not settles:
+            return
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._apply_settles(settles)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _apply_settles(self, settles: list[tuple[int, int]]) -> None:
+        if not settles:
+            return
+        for reservation, _ in settles:
+            self.live.pop(reservation, None)
+        self.db.conn.executemany("UPDATE reservations SET tokens = ? WHERE id = ?", [(t, r) for r, t in settles])
 
     def heartbeat(self) -> None:
         """Keep this process's live reservations; expire abandoned ones."""
