@@ -265,12 +265,14 @@ class Writer:
         after_commit: Callable[[sqlite_utils.Database, list[dict[str, Any]]], None] | None = None,
         spool_limit: int = 20_000,
         retry_interval: float = 1.0,
+        linger: float = 0.02,
     ) -> None:
         self.path = Path(path)
         self.prepare = prepare
         self.after_commit = after_commit
         self.spool_limit = max(int(spool_limit), 1)
         self.retry_interval = retry_interval
+        self.linger = linger  # seconds a batch waits for more rows: bounds what kill -9 can lose
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._spool: deque[dict[str, Any]] = deque()
         self._pending = 0
@@ -350,9 +352,13 @@ class Writer:
                     stop = True
                 else:
                     batch.append(first)
+                    # Linger a moment so busy proxies commit rows in groups
+                    # (one transaction per row costs more than the row).
+                    deadline = time.monotonic() + self.linger
                     while len(batch) < 5000:
                         try:
-                            item = self._queue.get_nowait()
+                            left = deadline - time.monotonic()
+                            item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                         except queue.Empty:
                             break
                         if item is None:
