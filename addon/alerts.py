@@ -53,9 +53,15 @@ class AlertEvaluator:
         self.fired: set[str] = set()
         self.exhausted: set[tuple[str, str | None, str]] = set()  # (pool, key, window_start)
 
-    def note_exhausted(self, pool: str, key_id: str | None, window_start: datetime | None) -> None:
-        if window_start is not None:
-            self.exhausted.add((pool, key_id, iso_utc(window_start)))
+    def note_exhausted(self, pool: str, key_id: str | None, window_start: datetime | None) -> bool:
+        """Remember that a window refused a request; True the first time."""
+        if window_start is None:
+            return False
+        scope = (pool, key_id, iso_utc(window_start))
+        if scope in self.exhausted:
+            return False
+        self.exhausted.add(scope)
+        return True
 
     def evaluate(self, db: sqlite_utils.Database, statuses: Iterable[Any], thresholds: dict[str, tuple[float, ...]],
                  now: datetime) -> list[dict[str, Any]]:

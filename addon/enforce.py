@@ -155,8 +155,9 @@ class Limits:
         except BaseException:
             self._settles.extend(settles)  # try again with the next transaction
             raise
-        if not decision.admitted and decision.check is not None:
-            self.alerts.note_exhausted(decision.check.pool.name, decision.check.key_id, decision.window_start)
+        if not decision.admitted and decision.check is not None and self.alerts.note_exhausted(
+            decision.check.pool.name, decision.check.key_id, decision.window_start
+        ):  # the first refusal of a window: the pool is at 100%
             try:
                 self._evaluate_alerts()
             except Exception as exc:
@@ -176,19 +177,34 @@ class Limits:
             call.request.input_chars, flow.request.raw_content, call.request.max_output_tokens,
             config.estimate_output_tokens, call.endpoint.name,
         )
+        future = None
         try:
             future = self.executor.submit(self._admit, checks, estimate)
             decision = await asyncio.wait_for(asyncio.wrap_future(future), ADMISSION_TIMEOUT)
         except Exception as exc:  # database down, locked past the timeout, ...
+            if future is not None and not future.done():
+                future.add_done_callback(self._abandon)  # late admission: give it back
             self._fail(flow, call, checks, exc)
             return
         if self._failing:
             self._failing = False
             log.warning("usage: limits can be checked again")
         if decision.admitted:
+            if call.finished:
+                # The client left while we waited: nothing will settle it.
+                self._settles.append((decision.reservation, 0))
+                return
             call.extra["reservation"] = decision.reservation
             return
         self._block(flow, call, 429, decision, refusal_message(decision, self.ledger.clock() if self.ledger else None))
+
+    def _abandon(self, future) -> None:
+        """An admission that finished after its request stopped waiting."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        decision = future.result()
+        if decision.admitted and decision.reservation is not None:
+            self._settles.append((decision.reservation, 0))
 
     def _fail(self, flow: http.HTTPFlow, call: Call, checks, exc: BaseException) -> None:
         policy = ctx.options.usage_fail or ("closed" if any(c.pool.fail == "closed" for c in checks) else "open")

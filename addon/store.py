@@ -353,12 +353,14 @@ class Writer:
                 else:
                     batch.append(first)
                     # Linger a moment so busy proxies commit rows in groups
-                    # (one transaction per row costs more than the row).
-                    deadline = time.monotonic() + self.linger
+                    # (one transaction per row costs more than the row). A
+                    # sleep, not a get() with a timeout: rows put meanwhile
+                    # must not wake this thread (and take the GIL) one by one.
+                    if self.linger:
+                        time.sleep(self.linger)
                     while len(batch) < 5000:
                         try:
-                            left = deadline - time.monotonic()
-                            item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                            item = self._queue.get_nowait()
                         except queue.Empty:
                             break
                         if item is None:
