@@ -50,6 +50,9 @@ class Limits:
         self._ticks = 0
         self._failing = False
         self._settles: list[tuple[int, int]] = []  # (reservation, tokens) to apply
+        self._pending: list[tuple[list, int, asyncio.Future]] = []  # admissions waiting for the ledger
+        self._pending_lock = threading.Lock()
+        self._drain_scheduled = False
 
     # -- options -----------------------------------------------------------
     def load(self, loader) -> None:
@@ -77,6 +80,8 @@ class Limits:
         self._key = key
         self._shutdown()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-ledger")
+        with self._pending_lock:
+            self._pending, self._drain_scheduled = [], False
         webhook = ctx.options.usage_alert_webhook or config.webhook
         self.sender = WebhookSender(webhook, ctx.options.usage_db) if webhook else None
         self.alerts = AlertEvaluator(self.sender)
@@ -147,22 +152,40 @@ class Limits:
         # Autocommit: the write lock is taken only when an alert actually fires.
         alerts.evaluate(ledger.db, ledger.status(), thresholds, ledger.clock())
 
-    def _admit(self, checks, estimate) -> Decision:
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Decide every admission waiting now, in one transaction (ledger thread)."""
         assert self.ledger is not None and self.alerts is not None
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+            self._drain_scheduled = False
+        if not batch:
+            return
         settles = self._take_settles()
         try:
-            decision = self.ledger.admit(checks, estimate, settles)
-        except BaseException:
+            decisions = self.ledger.admit_many([(checks, estimate) for checks, estimate, _ in batch], settles)
+        except BaseException as exc:
             self._settles.extend(settles)  # try again with the next transaction
-            raise
-        if not decision.admitted and decision.check is not None and self.alerts.note_exhausted(
-            decision.check.pool.name, decision.check.key_id, decision.window_start
-        ):  # the first refusal of a window: the pool is at 100%
+            loop.call_soon_threadsafe(self._resolve, [(waiter, None, exc) for _, _, waiter in batch])
+            return
+        loop.call_soon_threadsafe(self._resolve, [(w, d, None) for (_, _, w), d in zip(batch, decisions, strict=True)])
+        fresh = [d for d in decisions if not d.admitted and d.check is not None and self.alerts.note_exhausted(
+            d.check.pool.name, d.check.key_id, d.window_start)]
+        if fresh:  # the first refusal of a window: the pool is at 100%
             try:
                 self._evaluate_alerts()
             except Exception as exc:
                 log.debug("usage: alert evaluation failed: %s", exc)
-        return decision
+
+    def _resolve(self, outcomes: list[tuple[asyncio.Future, Decision | None, BaseException | None]]) -> None:
+        """Hand decisions to the waiting requests (event loop)."""
+        for waiter, decision, exc in outcomes:
+            if waiter.done():  # gave up waiting (timeout): give a late admission back
+                if decision is not None and decision.admitted and decision.reservation is not None:
+                    self._settles.append((decision.reservation, 0))
+            elif exc is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(decision)
 
     # -- hooks -------------------------------------------------------------
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -177,13 +200,18 @@ class Limits:
             call.request.input_chars, flow.request.raw_content, call.request.max_output_tokens,
             config.estimate_output_tokens, call.endpoint.name,
         )
-        future = None
+        # Requests arriving together are decided together: one ledger
+        # transaction and one wake-up of each thread for the whole group.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Decision] = loop.create_future()
+        with self._pending_lock:
+            self._pending.append((checks, estimate, waiter))
+            schedule, self._drain_scheduled = not self._drain_scheduled, True
         try:
-            future = self.executor.submit(self._admit, checks, estimate)
-            decision = await asyncio.wait_for(asyncio.wrap_future(future), ADMISSION_TIMEOUT)
+            if schedule:
+                self.executor.submit(self._drain, loop)
+            decision = await asyncio.wait_for(waiter, ADMISSION_TIMEOUT)
         except Exception as exc:  # database down, locked past the timeout, ...
-            if future is not None and not future.done():
-                future.add_done_callback(self._abandon)  # late admission: give it back
             self._fail(flow, call, checks, exc)
             return
         if self._failing:
@@ -197,14 +225,6 @@ class Limits:
             call.extra["reservation"] = decision.reservation
             return
         self._block(flow, call, 429, decision, refusal_message(decision, self.ledger.clock() if self.ledger else None))
-
-    def _abandon(self, future) -> None:
-        """An admission that finished after its request stopped waiting."""
-        if future.cancelled() or future.exception() is not None:
-            return
-        decision = future.result()
-        if decision.admitted and decision.reservation is not None:
-            self._settles.append((decision.reservation, 0))
 
     def _fail(self, flow: http.HTTPFlow, call: Call, checks, exc: BaseException) -> None:
         policy = ctx.options.usage_fail or ("closed" if any(c.pool.fail == "closed" for c in checks) else "open")

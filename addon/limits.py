@@ -251,35 +251,29 @@ class Ledger:
 
     # -- admission -------------------------------------------------------
     def admit(self, checks: list[Check], estimate: int, settles: list[tuple[int, int]] = ()) -> Decision:
-        """Reserve `estimate` tokens against every check, or refuse.
+        """Reserve `estimate` tokens against every check, or refuse."""
+        return self.admit_many([(checks, estimate)], settles)[0]
 
-        `settles` are (reservation, tokens) of finished requests, applied
-        first in the same transaction (see `settle`).
+    def admit_many(self, requests: list[tuple[list[Check], int]],
+                   settles: list[tuple[int, int]] = ()) -> list[Decision]:
+        """Decide several admissions, in order, in one transaction.
+
+        Requests that arrived together share one `BEGIN IMMEDIATE`: each sees
+        the reservations of those decided before it. `settles` are
+        (reservation, tokens) of finished requests, applied first.
         """
         now = self.clock()
         conn = self.db.conn
+        decisions: list[Decision] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 self._apply_settles(settles)
                 self._refresh(now)
                 reserved = self._reserved(now)
-                for check in checks:
-                    counter = self._counter(check.pool, check.key_id, now)
-                    held = reserved.get((check.pool.name, check.key_id), 0)
-                    if counter.total + held + estimate > check.limit:
-                        conn.execute("ROLLBACK")
-                        return Decision(False, None, check, counter.total, held, estimate,
-                                        None if check.pool.window.is_rolling else counter.end,
-                                        counter.start, "limit")
-                pool = checks[0].pool.name
-                key = next((c.key_id for c in checks if c.key_id), None)
                 created = time.time()
-                cursor = conn.execute(
-                    "INSERT INTO reservations (pool, key_id, tokens, created, expires, owner)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (pool, key, estimate, created, created + RESERVATION_TTL, self.owner),
-                )
+                for checks, estimate in requests:
+                    decisions.append(self._decide(checks, estimate, now, reserved, created))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -288,9 +282,30 @@ class Ledger:
         except sqlite3.Error:
             self._reset_connection()
             raise
-        reservation = int(cursor.lastrowid)
-        self.live[reservation] = created
-        return Decision(True, reservation, None, estimate=estimate)
+        for decision in decisions:
+            if decision.admitted and decision.reservation is not None:
+                self.live[decision.reservation] = created
+        return decisions
+
+    def _decide(self, checks: list[Check], estimate: int, now: datetime,
+                reserved: dict[tuple[str, str | None], int], created: float) -> Decision:
+        for check in checks:
+            counter = self._counter(check.pool, check.key_id, now)
+            held = reserved.get((check.pool.name, check.key_id), 0)
+            if counter.total + held + estimate > check.limit:
+                return Decision(False, None, check, counter.total, held, estimate,
+                                None if check.pool.window.is_rolling else counter.end, counter.start, "limit")
+        pool = checks[0].pool.name
+        key = next((c.key_id for c in checks if c.key_id), None)
+        cursor = self.db.conn.execute(
+            "INSERT INTO reservations (pool, key_id, tokens, created, expires, owner) VALUES (?, ?, ?, ?, ?, ?)",
+            (pool, key, estimate, created, created + RESERVATION_TTL, self.owner),
+        )
+        # Later requests of the same batch see this one (as _reserved would).
+        reserved[(pool, None)] = reserved.get((pool, None), 0) + estimate
+        if key is not None:
+            reserved[(pool, key)] = reserved.get((pool, key), 0) + estimate
+        return Decision(True, int(cursor.lastrowid), None, estimate=estimate)
 
     def settle(self, settles: list[tuple[int, int]]) -> None:
         """Finished requests: hold their real usage until their rows land.

@@ -265,3 +265,13 @@ def test_ledger_follows_a_moved_database(setup, tmp_path):
     store.migrate(fresh)
     assert ledger.admit(checks, 100).admitted  # the new file: nothing used yet
     assert fresh.execute("select count(*) from reservations").fetchone()[0] == 1
+
+
+def test_admissions_decided_together_see_each_other(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "premium", None, None)
+    add_row(db, clock.now, "premium", 400)
+    decisions = ledger.admit_many([(checks, 300), (checks, 250), (checks, 250), (checks, 40)])
+    assert [d.admitted for d in decisions] == [True, True, False, True]
+    assert decisions[2].used == 400 and decisions[2].reserved == 550
+    assert db.execute("select sum(tokens) from reservations").fetchone()[0] == 590
