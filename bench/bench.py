@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,27 +36,12 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import free_port, wait_port  # noqa: E402  (the test suite's helpers)
+
 BIN = Path(sys.executable).parent
 KEY = "sk-bench-0000000000000000000000000000BNCH"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}")
 
 
 # ---------------------------------------------------------------------------
@@ -242,7 +226,7 @@ class Mitmdump:
         env = {**os.environ, "FAKE_OPENAI_ADDR": f"127.0.0.1:{fake_port}", "PYTHONUNBUFFERED": "1"}
         self.log = open(workdir / f"{name}.log", "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-        wait_port(self.port, self.proc)
+        wait_port(self.port, timeout=30, proc=self.proc)
         self.ps = psutil.Process(self.proc.pid)
 
     def rss_mb(self) -> float:
@@ -290,7 +274,7 @@ def main() -> int:
                              "--tls"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     proxies: dict[str, Mitmdump] = {}
     try:
-        wait_port(fake_port, fake)
+        wait_port(fake_port, timeout=30, proc=fake)
         (workdir / "meter_only.py").write_text(METER_ONLY)
         (workdir / "stream_sse.py").write_text(STREAM_SSE)
         for name in VARIANTS:
