@@ -447,6 +447,9 @@ class Handler(BaseHTTPRequestHandler):
             _event("response.in_progress", {"response": _response_object(rid, served, "in_progress", None)}, seq),
             _event("response.output_item.added", {"output_index": 0, "item": {"id": "msg_1", "type": "message",
                                                   "status": "in_progress", "content": [], "role": "assistant"}}, seq),
+            _event("response.content_part.added", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                                   "part": {"type": "output_text", "text": "", "annotations": []}},
+                   seq),
         ]
         for i in range(chunks):
             frames.append(_event("response.output_text.delta", {"item_id": "msg_1", "output_index": 0,
@@ -454,6 +457,11 @@ class Handler(BaseHTTPRequestHandler):
                                                                 "logprobs": [], "obfuscation": "zz"}, seq))
         frames.append(_event("response.output_text.done", {"item_id": "msg_1", "output_index": 0,
                                                            "content_index": 0, "text": "done"}, seq))
+        part = {"type": "output_text", "text": "done", "annotations": []}
+        frames.append(_event("response.content_part.done", {"item_id": "msg_1", "output_index": 0,
+                                                            "content_index": 0, "part": part}, seq))
+        frames.append(_event("response.output_item.done", {"output_index": 0, "item": {
+            "id": "msg_1", "type": "message", "status": "completed", "content": [part], "role": "assistant"}}, seq))
         if behavior == "error-event":
             frames.append(_event("error", {"code": "server_error", "message": "boom", "param": None}, seq))
             return self._sse(frames)
