@@ -24,7 +24,8 @@ import re
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -263,22 +264,15 @@ class Ledger:
         (reservation, tokens) of finished requests, applied first.
         """
         now = self.clock()
-        conn = self.db.conn
         decisions: list[Decision] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._immediate():
                 self._apply_settles(settles)
                 self._refresh(now)
-                reserved = self._reserved(now)
+                reserved = self._reserved()
                 created = time.time()
                 for checks, estimate in requests:
                     decisions.append(self._decide(checks, estimate, now, reserved, created))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error:
             self._reset_connection()
             raise
@@ -316,15 +310,8 @@ class Ledger:
         """
         if not settles:
             return
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate():
             self._apply_settles(settles)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def _apply_settles(self, settles: list[tuple[int, int]]) -> None:
         if not settles:
@@ -336,9 +323,7 @@ class Ledger:
     def heartbeat(self) -> None:
         """Keep this process's live reservations; expire abandoned ones."""
         now = time.time()
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate() as conn:
             ids = list(self.live)
             for start in range(0, len(ids), 500):
                 part = ids[start : start + 500]
@@ -347,6 +332,14 @@ class Ledger:
                     [now + RESERVATION_TTL, *part],
                 )
             conn.execute("DELETE FROM reservations WHERE expires <= ?", (now,))
+
+    @contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the lock up front (waits, never fails on a stale snapshot)."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -354,7 +347,7 @@ class Ledger:
             raise
 
     # -- counters --------------------------------------------------------
-    def _reserved(self, now: datetime) -> dict[tuple[str, str | None], int]:
+    def _reserved(self) -> dict[tuple[str, str | None], int]:
         totals: dict[tuple[str, str | None], int] = {}
         rows = self.db.conn.execute(
             "SELECT pool, key_id, SUM(tokens) FROM reservations WHERE expires > ? GROUP BY pool, key_id",
@@ -385,11 +378,13 @@ class Ledger:
             (self._last_id,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()
             return
         rows = conn.execute(
-            "SELECT id, ts, pool, key_id, total_tokens FROM requests WHERE id > ? AND total_tokens IS NOT NULL",
-            (self._last_id,),
+            "SELECT id, ts, pool, key_id, total_tokens FROM requests WHERE id > ? ORDER BY id", (self._last_id,)
         ).fetchall()
-        (self._last_id,) = conn.execute("SELECT COALESCE(MAX(id), ?) FROM requests", (self._last_id,)).fetchone()
+        if rows:
+            self._last_id = rows[-1][0]
         for _id, ts, pool, key, tokens in rows:
+            if tokens is None:
+                continue
             try:
                 moment = parse_ts(ts)
             except (TypeError, ValueError):
@@ -398,7 +393,7 @@ class Ledger:
                 counter = self._counters.get(scope)
                 if counter is not None and counter.start <= moment < counter.end:
                     counter.total += tokens
-                    if counter.events is not None and self._is_rolling(pool):
+                    if self._is_rolling(pool):
                         counter.events.append((moment.timestamp(), tokens))
 
     def _is_rolling(self, pool_name: str) -> bool:
@@ -470,7 +465,7 @@ class Ledger:
         conn.execute("BEGIN")
         try:
             self._refresh(now)
-            reserved = self._reserved(now)
+            reserved = self._reserved()
             result = []
             for pool in self.config.pools.values():
                 scopes: list[tuple[str | None, int | None, str | None]] = [(None, pool.limit, None)]
