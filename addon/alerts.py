@@ -70,9 +70,9 @@ class AlertEvaluator:
             if not status.limit:
                 continue
             window_start = iso_utc(status.window_start)
-            # Reservations count too: finished requests whose rows are still
-            # on their way hold their real usage there.
-            used = status.used + (getattr(status, "reserved", 0) or 0)
+            # Rows only: reservations are estimates (and spare tokens of
+            # leases), not usage; a finished request's row lands within ms.
+            used = status.used
             percentage = 100.0 * used / status.limit
             if (status.pool, status.key_id, window_start) in self.exhausted:
                 # A refusal means the pool cannot take more: that is 100%.

@@ -1,7 +1,8 @@
 """The mitmproxy addon that stops requests a spent pool cannot afford.
 
-Runs after UsageMeter (which has classified the request). Admission happens
-on the ledger thread; the event loop only awaits its answer. A refused
+Runs after UsageMeter (which has classified the request). Most requests are
+admitted in memory from this process's lease (see limits.py); the others are
+decided on the ledger thread, and the event loop only awaits the answer. A refused
 request never reaches OpenAI: it gets an OpenAI-shaped 429 that the official
 SDKs do not retry (`usage_block=reject`) or its connection is killed
 (`usage_block=kill`), and it is recorded with outcome `blocked`.
@@ -13,6 +14,7 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -49,7 +51,6 @@ class Limits:
         self._key: tuple | None = None
         self._ticks = 0
         self._failing = False
-        self._settles: list[tuple[int, int]] = []  # (reservation, tokens) to apply
         self._pending: list[tuple[list, int, asyncio.Future]] = []  # admissions waiting for the ledger
         self._pending_lock = threading.Lock()
         self._drain_scheduled = False
@@ -92,15 +93,17 @@ class Limits:
         self._ticker.start()
 
     def done(self) -> None:
-        self._shutdown()
+        # The meter's done() ran first and wrote every row: nothing is in flight.
+        self._shutdown(final=True)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, final: bool = False) -> None:
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join(5)
         if self.executor is not None:
             ledger = self.ledger
             if ledger is not None:
+                self.executor.submit(self._give_up_leases, ledger, final)
                 self.executor.submit(ledger.close)
             self.executor.shutdown(wait=True)
         if self.sender is not None:
@@ -108,6 +111,16 @@ class Limits:
         self.executor = self.ledger = self.sender = None
 
     # -- ledger thread -----------------------------------------------------
+    @staticmethod
+    def _give_up_leases(ledger: Ledger, final: bool) -> None:
+        try:
+            if final:
+                ledger.release_all()
+            else:  # reconfigured: requests in flight still hold their part
+                ledger.release_idle(idle=0)
+        except Exception as exc:
+            log.warning("usage: could not give back reserved tokens (they expire in 2 minutes): %s", exc)
+
     def _publish(self) -> None:
         assert self.ledger is not None
         try:
@@ -132,12 +145,7 @@ class Limits:
             return
         self._ticks += 1
         try:
-            settles = self._take_settles()
-            try:
-                ledger.settle(settles)
-            except BaseException:
-                self._settles.extend(settles)
-                raise
+            ledger.release_idle()
             if self._ticks % int(HEARTBEAT_INTERVAL / TICK_INTERVAL) == 1:
                 ledger.heartbeat()
             self._evaluate_alerts()
@@ -160,11 +168,9 @@ class Limits:
             self._drain_scheduled = False
         if not batch:
             return
-        settles = self._take_settles()
         try:
-            decisions = self.ledger.admit_many([(checks, estimate) for checks, estimate, _ in batch], settles)
+            decisions = self.ledger.admit_many([(checks, estimate) for checks, estimate, _ in batch])
         except BaseException as exc:
-            self._settles.extend(settles)  # try again with the next transaction
             loop.call_soon_threadsafe(self._resolve, [(waiter, None, exc) for _, _, waiter in batch])
             return
         loop.call_soon_threadsafe(self._resolve, [(w, d, None) for (_, _, w), d in zip(batch, decisions, strict=True)])
@@ -180,28 +186,39 @@ class Limits:
         """Hand decisions to the waiting requests (event loop)."""
         for waiter, decision, exc in outcomes:
             if waiter.done():  # gave up waiting (timeout): give a late admission back
-                if decision is not None and decision.admitted and decision.reservation is not None:
-                    self._settles.append((decision.reservation, 0))
+                if decision is not None and decision.admitted and decision.reservation is not None and self.ledger:
+                    self.ledger.give_back(decision.reservation, decision.estimate)
             elif exc is not None:
                 waiter.set_exception(exc)
             else:
                 waiter.set_result(decision)
 
     # -- hooks -------------------------------------------------------------
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         call = self.meter.calls.get(flow.id)
         config = self.meter.config
-        if call is None or config is None or flow.response is not None or self.executor is None:
-            return
+        ledger = self.ledger
+        if call is None or config is None or flow.response is not None or self.executor is None or ledger is None:
+            return None
         checks = checks_for(config, call.pool, call.key_id, call.label)
         if not checks:
-            return
+            return None
         estimate = estimate_tokens(
             call.request.input_chars, flow.request.raw_content, call.request.max_output_tokens,
             config.estimate_output_tokens, call.endpoint.name,
         )
+        # Most requests: admitted from this process's lease, no waiting. The
+        # hook is a plain function so that this path costs no coroutine.
+        decision = ledger.admit_local(checks, estimate)
+        if decision is not None:
+            call.extra["reservation"] = (decision.reservation, estimate, ledger.owner)
+            return None
+        return self._admit(flow, call, checks, estimate)
+
+    async def _admit(self, flow: http.HTTPFlow, call: Call, checks: list, estimate: int) -> None:
         # Requests arriving together are decided together: one ledger
         # transaction and one wake-up of each thread for the whole group.
+        assert self.executor is not None
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Decision] = loop.create_future()
         with self._pending_lock:
@@ -219,10 +236,11 @@ class Limits:
             log.warning("usage: limits can be checked again")
         if decision.admitted:
             if call.finished:
-                # The client left while we waited: nothing will settle it.
-                self._settles.append((decision.reservation, 0))
+                # The client left while we waited: nothing will be recorded against it.
+                if self.ledger is not None and decision.reservation is not None:
+                    self.ledger.give_back(decision.reservation, estimate)
                 return
-            call.extra["reservation"] = decision.reservation
+            call.extra["reservation"] = (decision.reservation, estimate, self.ledger.owner if self.ledger else "")
             return
         self._block(flow, call, 429, decision, refusal_message(decision, self.ledger.clock() if self.ledger else None))
 
@@ -265,17 +283,11 @@ class Limits:
         flow.response = http.Response.make(status, json.dumps({"error": error}).encode(), headers)
 
     def on_row(self, call: Call, row: dict[str, Any]) -> None:
+        # The writer takes the estimate off the lease in the transaction
+        # that inserts the row (store.insert_rows).
         reservation = call.extra.get("reservation")
-        if reservation is None:
-            return
-        row["_reservation"] = reservation
-        # Applied by the ledger thread in its next transaction (admission or
-        # tick): no thread hand-off per response.
-        self._settles.append((reservation, row.get("total_tokens") or 0))
-
-    def _take_settles(self) -> list[tuple[int, int]]:
-        taken, self._settles = self._settles, []
-        return taken
+        if reservation is not None:
+            row["_reservation"] = reservation
 
     # -- commands ----------------------------------------------------------
     @command.command("usage.reset")

@@ -1,14 +1,22 @@
-"""Token pools with limits: admission with reservations, settlement, resets.
+"""Token pools with limits: admission with reservations (leases), resets.
 
 The counters live in SQLite so that several proxy processes on one database
-share them. Every admission is one short `BEGIN IMMEDIATE` transaction on a
-dedicated thread (never on the event loop):
+share them. Admission is decided in short `BEGIN IMMEDIATE` transactions on
+a dedicated thread (never on the event loop):
 
-    used (rows of the window) + reserved (requests in flight) + estimate <= limit
+    used (rows of the window) + reserved (all proxies) + estimate <= limit
 
-and inserts a reservation for the estimate. The writer thread deletes the
-reservation in the same transaction that inserts the request's row, so a
-request is always counted exactly once: as reserved, then as used.
+Each process holds one reservation row per pool (and key with its own
+limit), its *lease*. An admission grows the lease by the request's estimate
+and, while the pool is far from its limit, by some spare tokens: later
+requests are admitted from the spare part in memory, without a transaction
+(`admit_local`). The spare part is at most 1/16 of what is left in the
+window and 1/64 of the limit; near the limit it is zero and every request
+is decided in the database. The writer thread takes a request's estimate
+off the lease in the same transaction that inserts its row, so a request is
+always counted exactly once: as reserved, then as used. Spare tokens no
+request asked for in LEASE_IDLE seconds go back to the pool, and a refusal
+gives them back at once.
 
 `used` is kept incrementally: the ledger remembers the last `requests.id` it
 has seen and adds newer rows (from every process) to its per-window totals;
@@ -22,6 +30,7 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -41,6 +50,9 @@ log = logging.getLogger(__name__)
 
 RESERVATION_TTL = 120.0  # seconds; live reservations are refreshed well before
 HEARTBEAT_INTERVAL = 30.0
+LEASE_SHARE = 16  # spare tokens of a lease: at most 1/16 of what is left ...
+LEASE_LIMIT_SHARE = 64  # ... and 1/64 of the limit
+LEASE_IDLE = 10.0  # seconds without an admission before spare tokens go back
 LEDGER_BUSY_TIMEOUT_MS = 2000
 WINDOW_DAYS_AHEAD = 400
 
@@ -156,6 +168,19 @@ class Counter:
 
 
 @dataclass(slots=True)
+class Lease:
+    """This process's reservation row for one scope (pool, key with its own limit)."""
+
+    id: int | None = None
+    spare: int = 0  # reserved in the database, promised to no request yet
+    used_at: float = 0.0  # time.monotonic() of the last admission from it
+
+
+def lease_scope(checks: list[Check]) -> tuple[str, str | None]:
+    return checks[0].pool.name, next((c.key_id for c in checks if c.key_id), None)
+
+
+@dataclass(slots=True)
 class Decision:
     admitted: bool
     reservation: int | None = None
@@ -205,6 +230,11 @@ class Ledger:
         self._resets: dict[tuple[str, str | None], datetime] = {}
         self._counters: dict[tuple[str, str | None], Counter] = {}
         self.live: dict[int, float] = {}  # reservation id -> created (this process)
+        # Leases are read and taken from by the event loop (admit_local) and
+        # grown by the ledger thread: a lock, held for memory updates only.
+        self._leases: dict[tuple[str, str | None], Lease] = {}
+        self._lease_lock = threading.Lock()
+        self._confirmed = 0.0  # time.monotonic() of the last transaction that kept the leases alive
 
     # -- connection ------------------------------------------------------
     @property
@@ -215,6 +245,9 @@ class Ledger:
             log.warning("usage: database %s was deleted or moved; the ledger reopens it", self.path)
             self._reset_connection()
             self._moved = True
+            with self._lease_lock:  # their rows stay in the old file
+                self._leases.clear()
+                self.live.clear()
         if self._db is None and self._moved and not self.path.exists():
             # The writer recreates it (after moving the old WAL out of the
             # way); creating it here could pair a new file with the old WAL.
@@ -251,80 +284,172 @@ class Ledger:
             db.conn.isolation_level = None
 
     # -- admission -------------------------------------------------------
-    def admit(self, checks: list[Check], estimate: int, settles: list[tuple[int, int]] = ()) -> Decision:
-        """Reserve `estimate` tokens against every check, or refuse."""
-        return self.admit_many([(checks, estimate)], settles)[0]
+    def admit_local(self, checks: list[Check], estimate: int) -> Decision | None:
+        """Admit from this process's lease, in memory; None when it cannot.
 
-    def admit_many(self, requests: list[tuple[list[Check], int]],
-                   settles: list[tuple[int, int]] = ()) -> list[Decision]:
+        Safe to call from the event loop: no database, no waiting.
+        """
+        scope = lease_scope(checks)
+        with self._lease_lock:
+            lease = self._leases.get(scope)
+            if lease is None or lease.id is None or lease.spare < estimate:
+                return None
+            if time.monotonic() - self._confirmed > 2 * HEARTBEAT_INTERVAL:
+                return None  # the row may have expired: let a transaction check
+            lease.spare -= estimate
+            lease.used_at = time.monotonic()
+            return Decision(True, lease.id, estimate=estimate)
+
+    def give_back(self, reservation: int, estimate: int) -> None:
+        """An admitted request that will never be recorded: its tokens are spare again."""
+        with self._lease_lock:
+            for lease in self._leases.values():
+                if lease.id == reservation:
+                    lease.spare += estimate
+                    return
+
+    def admit(self, checks: list[Check], estimate: int) -> Decision:
+        """Reserve `estimate` tokens against every check, or refuse."""
+        return self.admit_many([(checks, estimate)])[0]
+
+    def admit_many(self, requests: list[tuple[list[Check], int]]) -> list[Decision]:
         """Decide several admissions, in order, in one transaction.
 
         Requests that arrived together share one `BEGIN IMMEDIATE`: each sees
-        the reservations of those decided before it. `settles` are
-        (reservation, tokens) of finished requests, applied first.
+        the reservations of those decided before it.
         """
         now = self.clock()
+        created = time.time()
+        # Spare tokens move into this transaction: the event loop cannot
+        # promise them meanwhile, and a rollback puts them back.
+        taken: dict[tuple[str, str | None], Lease] = {}
+        with self._lease_lock:
+            for checks, _ in requests:
+                scope = lease_scope(checks)
+                if scope not in taken:
+                    lease = self._leases.setdefault(scope, Lease())
+                    taken[scope] = Lease(lease.id, lease.spare)
+                    lease.spare = 0
+        work = {scope: Lease(lease.id, lease.spare) for scope, lease in taken.items()}
         decisions: list[Decision] = []
         try:
             with self._immediate():
-                self._apply_settles(settles)
                 self._refresh(now)
-                reserved = self._reserved()
-                created = time.time()
+                reserved, ours = self._reserved()
+                for lease in work.values():
+                    if lease.id is not None and lease.id not in ours:
+                        lease.id, lease.spare = None, 0  # expired (a long suspension): start a new one
                 for checks, estimate in requests:
-                    decisions.append(self._decide(checks, estimate, now, reserved, created))
-        except sqlite3.Error:
-            self._reset_connection()
+                    decisions.append(self._decide(checks, estimate, now, reserved, work[lease_scope(checks)],
+                                                  created))
+        except BaseException as exc:
+            with self._lease_lock:
+                for scope, lease in taken.items():
+                    current = self._leases.get(scope)
+                    if current is not None and current.id == lease.id:  # else the database was moved
+                        current.spare += lease.spare
+            if isinstance(exc, sqlite3.Error):
+                self._reset_connection()
             raise
-        for decision in decisions:
-            if decision.admitted and decision.reservation is not None:
-                self.live[decision.reservation] = created
+        moment = self._confirmed = time.monotonic()
+        with self._lease_lock:
+            for scope, lease in work.items():
+                current = self._leases.setdefault(scope, Lease())
+                if current.id != lease.id:
+                    if current.id is not None:
+                        self.live.pop(current.id, None)
+                    current.id = lease.id
+                current.spare += lease.spare
+                if lease.id is not None:
+                    self.live[lease.id] = created
+            if any(d.admitted for d in decisions):
+                for scope in work:
+                    self._leases[scope].used_at = moment
         return decisions
 
     def _decide(self, checks: list[Check], estimate: int, now: datetime,
-                reserved: dict[tuple[str, str | None], int], created: float) -> Decision:
+                reserved: dict[tuple[str, str | None], int], lease: Lease, created: float) -> Decision:
+        if lease.id is not None and lease.spare >= estimate:
+            lease.spare -= estimate
+            return Decision(True, lease.id, estimate=estimate)
+        room: int | None = None
         for check in checks:
             counter = self._counter(check.pool, check.key_id, now)
-            held = reserved.get((check.pool.name, check.key_id), 0)
-            if counter.total + held + estimate > check.limit:
-                return Decision(False, None, check, counter.total, held, estimate,
+            # Our own spare tokens are ours to use: only the rest is held.
+            held = reserved.get((check.pool.name, check.key_id), 0) - lease.spare
+            left = check.limit - counter.total - held
+            if estimate > left:
+                if lease.spare:  # near the limit spare tokens serve whoever asks next
+                    self._grow(lease, -lease.spare, checks, reserved, created)
+                    lease.spare = 0
+                return Decision(False, None, check, counter.total, max(held, 0), estimate,
                                 None if check.pool.window.is_rolling else counter.end, counter.start, "limit")
-        pool = checks[0].pool.name
-        key = next((c.key_id for c in checks if c.key_id), None)
-        cursor = self.db.conn.execute(
-            "INSERT INTO reservations (pool, key_id, tokens, created, expires, owner) VALUES (?, ?, ?, ?, ?, ?)",
-            (pool, key, estimate, created, created + RESERVATION_TTL, self.owner),
-        )
-        # Later requests of the same batch see this one (as _reserved would).
-        reserved[(pool, None)] = reserved.get((pool, None), 0) + estimate
+            share = min((left - estimate) // LEASE_SHARE, check.limit // LEASE_LIMIT_SHARE)
+            room = share if room is None else min(room, share)
+        # Spare tokens only when they cover at least one more such request:
+        # smaller ones would be held for nothing.
+        spare = room if room is not None and room >= estimate else 0
+        self._grow(lease, estimate + spare - lease.spare, checks, reserved, created)
+        lease.spare = spare
+        return Decision(True, lease.id, estimate=estimate)
+
+    def _grow(self, lease: Lease, delta: int, checks: list[Check], reserved: dict[tuple[str, str | None], int],
+              created: float) -> None:
+        """Add `delta` tokens (may be negative) to the lease's row, creating it if needed."""
+        pool, key = lease_scope(checks)
+        conn = self.db.conn
+        if lease.id is None:
+            cursor = conn.execute(
+                "INSERT INTO reservations (pool, key_id, tokens, created, expires, owner) VALUES (?, ?, ?, ?, ?, ?)",
+                (pool, key, max(delta, 0), created, created + RESERVATION_TTL, self.owner),
+            )
+            lease.id = int(cursor.lastrowid)
+        elif delta:
+            conn.execute("UPDATE reservations SET tokens = MAX(tokens + ?, 0), expires = ? WHERE id = ?",
+                         (delta, created + RESERVATION_TTL, lease.id))
+        # Later requests of the same batch see this (as _reserved would).
+        reserved[(pool, None)] = reserved.get((pool, None), 0) + delta
         if key is not None:
-            reserved[(pool, key)] = reserved.get((pool, key), 0) + estimate
-        return Decision(True, int(cursor.lastrowid), None, estimate=estimate)
+            reserved[(pool, key)] = reserved.get((pool, key), 0) + delta
 
-    def settle(self, settles: list[tuple[int, int]]) -> None:
-        """Finished requests: hold their real usage until their rows land.
-
-        The writer deletes a reservation in the transaction that inserts its
-        row; until then the reservation counts what was really used, not the
-        estimate, so writer lag never makes the pool look fuller.
-        """
-        if not settles:
+    def release_idle(self, idle: float = LEASE_IDLE) -> None:
+        """Spare tokens of leases no request used lately go back to the pool."""
+        moment = time.monotonic()
+        freed: list[tuple[Lease, int, int]] = []
+        with self._lease_lock:
+            for lease in self._leases.values():
+                if lease.id is not None and lease.spare and moment - lease.used_at >= idle:
+                    freed.append((lease, lease.id, lease.spare))
+                    lease.spare = 0
+        if not freed:
             return
-        with self._immediate():
-            self._apply_settles(settles)
+        try:
+            with self._immediate() as conn:
+                conn.executemany("UPDATE reservations SET tokens = MAX(tokens - ?, 0) WHERE id = ?",
+                                 [(spare, lease_id) for _, lease_id, spare in freed])
+        except BaseException:
+            with self._lease_lock:
+                for lease, lease_id, spare in freed:
+                    if lease.id == lease_id:
+                        lease.spare += spare
+            raise
 
-    def _apply_settles(self, settles: list[tuple[int, int]]) -> None:
-        if not settles:
-            return
-        for reservation, _ in settles:
-            self.live.pop(reservation, None)
-        self.db.conn.executemany("UPDATE reservations SET tokens = ? WHERE id = ?", [(t, r) for r, t in settles])
+    def release_all(self) -> None:
+        """Graceful stop, every row written: this process's reservations go."""
+        with self._lease_lock:
+            ids = list(self.live)
+            self._leases.clear()
+            self.live.clear()
+        if ids:
+            with self._immediate() as conn:
+                conn.execute(f"DELETE FROM reservations WHERE id IN ({','.join('?' * len(ids))})", ids)
 
     def heartbeat(self) -> None:
         """Keep this process's live reservations; expire abandoned ones."""
         now = time.time()
-        with self._immediate() as conn:
+        with self._lease_lock:
             ids = list(self.live)
+        with self._immediate() as conn:
             for start in range(0, len(ids), 500):
                 part = ids[start : start + 500]
                 conn.execute(
@@ -332,6 +457,7 @@ class Ledger:
                     [now + RESERVATION_TTL, *part],
                 )
             conn.execute("DELETE FROM reservations WHERE expires <= ?", (now,))
+        self._confirmed = time.monotonic()
 
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:
@@ -347,17 +473,20 @@ class Ledger:
             raise
 
     # -- counters --------------------------------------------------------
-    def _reserved(self) -> dict[tuple[str, str | None], int]:
+    def _reserved(self) -> tuple[dict[tuple[str, str | None], int], set[int]]:
+        """Live reservations of every process by (pool, key), and the ids of this one's."""
         totals: dict[tuple[str, str | None], int] = {}
+        ours: set[int] = set()
         rows = self.db.conn.execute(
-            "SELECT pool, key_id, SUM(tokens) FROM reservations WHERE expires > ? GROUP BY pool, key_id",
-            (time.time(),),
+            "SELECT id, pool, key_id, tokens, owner FROM reservations WHERE expires > ?", (time.time(),)
         ).fetchall()
-        for pool, key, tokens in rows:
+        for row_id, pool, key, tokens, owner in rows:
             totals[(pool, None)] = totals.get((pool, None), 0) + (tokens or 0)
             if key is not None:
                 totals[(pool, key)] = totals.get((pool, key), 0) + (tokens or 0)
-        return totals
+            if owner == self.owner:
+                ours.add(row_id)
+        return totals, ours
 
     def _refresh(self, now: datetime) -> None:
         """Take in resets and rows written since the last look (any process)."""
@@ -465,7 +594,7 @@ class Ledger:
         conn.execute("BEGIN")
         try:
             self._refresh(now)
-            reserved = self._reserved()
+            reserved, _ = self._reserved()
             result = []
             for pool in self.config.pools.values():
                 scopes: list[tuple[str | None, int | None, str | None]] = [(None, pool.limit, None)]

@@ -189,17 +189,26 @@ def migrate(db: sqlite_utils.Database) -> None:
 def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
     """Insert rows in the caller's transaction.
 
-    A row may carry `_reservation` (the admission reservation it settles):
-    it is deleted in the same transaction, so a request's tokens are always
-    counted exactly once, as reserved or as used, by every proxy process.
+    A row may carry `_reservation`: (reservation id, tokens, owner) of the
+    admission it was counted under. Those tokens leave the reservation in the
+    same transaction, so a request's tokens are always counted exactly once,
+    as reserved or as used, by every proxy process. (The owner guards against
+    a reservation that expired and whose id SQLite gave to another process.)
     """
-    reservations = [row["_reservation"] for row in rows if row.get("_reservation")]
-    private = reservations or any("_reservation" in row for row in rows)
+    released: dict[tuple[int, str], int] = {}
+    private = False
+    for row in rows:
+        if "_reservation" in row:
+            private = True
+            held = row["_reservation"]
+            if held:
+                reservation, tokens, owner = held
+                released[(reservation, owner)] = released.get((reservation, owner), 0) + tokens
     clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows] if private else rows
     db.table("requests").insert_all(clean, batch_size=500, columns=REQUEST_COLUMNS)
-    for start in range(0, len(reservations), 500):
-        part = reservations[start : start + 500]
-        db.execute(f"DELETE FROM reservations WHERE id IN ({','.join('?' * len(part))})", part)
+    if released:
+        db.conn.executemany("UPDATE reservations SET tokens = MAX(tokens - ?, 0) WHERE id = ? AND owner = ?",
+                            [(tokens, *scope) for scope, tokens in released.items()])
 
 
 # SQLite result codes (primary part) that mean "the database is not

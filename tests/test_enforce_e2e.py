@@ -282,7 +282,9 @@ def test_fail_policy_when_the_database_is_locked(make_proxy, tmp_path, policy):
     """Another process holds the write lock: usage cannot be checked."""
     import sqlite3
 
-    proxy = make_proxy(options={"usage_config": write_config(tmp_path, 100000), "usage_fail": policy})
+    # A limit too small for spare tokens (1/64 of it is less than a request):
+    # every request needs the database (a lease would admit from memory).
+    proxy = make_proxy(options={"usage_config": write_config(tmp_path, 5000), "usage_fail": policy})
     client = proxy.client(max_retries=0)
     assert ask(client).usage.total_tokens > 0  # schema exists, pools published
     proxy.wait_rows(1)

@@ -102,6 +102,9 @@ window = "rolling:2h"
 models = ["o3"]
 [pools.free]
 models = ["text-embedding-*"]
+[pools.big]
+limit = 1000000
+models = ["gpt-big"]
 [keys.abc123]
 label = "alice"
 limits = { premium = 300 }
@@ -127,7 +130,8 @@ def setup(tmp_path):
     ledger.close()
 
 
-def add_row(db, ts: datetime, pool: str, tokens: int, key_id: str | None = None, reservation: int | None = None):
+def add_row(db, ts: datetime, pool: str, tokens: int, key_id: str | None = None,
+            reservation: tuple[int, int, str] | None = None):
     row = {"ts": iso_utc(ts), "pool": pool, "total_tokens": tokens, "key_id": key_id, "outcome": "ok"}
     if reservation:
         row["_reservation"] = reservation
@@ -146,8 +150,8 @@ def test_admission_counts_rows_and_reservations(setup):
     assert not refused.admitted and refused.used == 600 and refused.reserved == 300
     assert refused.resets_at == utc(2026, 11, 22, 23)  # midnight in Paris
     # The request settles with fewer tokens than reserved: room again.
-    add_row(db, clock.now, "premium", 250, reservation=first.reservation)
-    assert db.execute("select count(*) from reservations").fetchone()[0] == 0
+    add_row(db, clock.now, "premium", 250, reservation=(first.reservation, 300, ledger.owner))
+    assert db.execute("select sum(tokens) from reservations").fetchone()[0] == 0
     assert ledger.admit(checks, 150).admitted
 
 
@@ -275,3 +279,133 @@ def test_admissions_decided_together_see_each_other(setup):
     assert [d.admitted for d in decisions] == [True, True, False, True]
     assert decisions[2].used == 400 and decisions[2].reserved == 550
     assert db.execute("select sum(tokens) from reservations").fetchone()[0] == 590
+
+
+# -- leases ----------------------------------------------------------------
+
+
+def reserved_in_db(db) -> int:
+    return db.execute("select coalesce(sum(tokens), 0) from reservations").fetchone()[0]
+
+
+def test_far_from_the_limit_a_lease_admits_in_memory(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "big", None, None)
+    assert ledger.admit_local(checks, 1000) is None  # no lease yet
+    first = ledger.admit(checks, 1000)
+    # The estimate plus spare: 1/64 of the limit (less than 1/16 of what is left).
+    assert first.admitted and reserved_in_db(db) == 1000 + 15_625
+    local = [ledger.admit_local(checks, 1000) for _ in range(16)]
+    assert all(d is not None and d.reservation == first.reservation for d in local[:15]) and local[15] is None
+    assert reserved_in_db(db) == 1000 + 15_625  # no transaction for those
+    # Each row takes its estimate off the lease as it lands.
+    add_row(db, clock.now, "big", 700, reservation=(first.reservation, 1000, ledger.owner))
+    assert reserved_in_db(db) == 15_625
+    status = {s.pool: s for s in ledger.status() if s.key_id is None}
+    assert status["big"].used == 700 and status["big"].reserved == 15_625
+
+
+def test_near_the_limit_every_request_is_decided_in_the_database(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "big", None, None)
+    add_row(db, clock.now, "big", 990_000)
+    assert ledger.admit(checks, 1000).admitted
+    assert reserved_in_db(db) == 1000  # 1/16 of the 9,000 left is less than one request: no spare
+    assert ledger.admit_local(checks, 1000) is None
+
+
+def test_a_refusal_gives_spare_tokens_back(setup):
+    config, db, clock, ledger = setup
+    other = Ledger(ledger.path, config, clock=clock, owner="other")
+    checks = checks_for(config, "big", None, None)
+    assert ledger.admit(checks, 1000).admitted and reserved_in_db(db) == 16_625
+    add_row(db, clock.now, "big", 1_000_000 - 16_625 - 500)  # another process used the rest
+    refused = ledger.admit(checks, 20_000)  # more than the spare plus what is left
+    assert not refused.admitted and refused.reserved == 1000  # the spare is not held against us
+    assert reserved_in_db(db) == 1000  # only the request in flight keeps its reservation
+    assert other.admit(checks, 1500).admitted  # the spare went to whoever asked next
+    other.close()
+
+
+def test_other_processes_see_the_lease_as_reserved(setup):
+    config, db, clock, ledger = setup
+    other = Ledger(ledger.path, config, clock=clock, owner="other")
+    checks = checks_for(config, "big", None, None)
+    add_row(db, clock.now, "big", 900_000)
+    assert ledger.admit(checks, 1000).admitted
+    spare = reserved_in_db(db) - 1000
+    assert spare == (1_000_000 - 900_000 - 1000) // 16  # less than 1/64 of the limit
+    refused = other.admit(checks, 1_000_000 - 900_000 - 1000 - spare + 1)
+    assert not refused.admitted and refused.reserved == 1000 + spare
+    other.close()
+
+
+def test_idle_spare_goes_back_and_a_stop_removes_the_lease(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "big", None, None)
+    first = ledger.admit(checks, 1000)
+    ledger.release_idle(idle=3600)  # used just now: kept
+    assert reserved_in_db(db) == 16_625
+    ledger.release_idle(idle=0)
+    assert reserved_in_db(db) == 1000 and ledger.admit_local(checks, 1) is None
+    # A request admitted from the lease that will never be recorded gives its share back.
+    assert ledger.admit(checks, 1000).admitted
+    local = ledger.admit_local(checks, 5000)
+    assert local is not None
+    ledger.give_back(local.reservation, 5000)
+    assert ledger.admit_local(checks, 15_625) is not None
+    add_row(db, clock.now, "big", 900, reservation=(first.reservation, 1000, ledger.owner))
+    ledger.release_all()
+    assert db.execute("select count(*) from reservations").fetchone()[0] == 0
+
+
+def test_a_key_lease_counts_for_the_key_and_the_pool(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "premium", "abc123", None)
+    assert ledger.admit(checks, 200).admitted
+    rows = db.execute("select pool, key_id, tokens from reservations").fetchall()
+    assert rows == [("premium", "abc123", 200)]
+    refused = ledger.admit(checks, 101)  # the key's 300
+    assert not refused.admitted and refused.check.key_id == "abc123" and refused.reserved == 200
+    assert not ledger.admit(checks_for(config, "premium", "zzz", None), 801).admitted  # the pool's 1000
+
+
+def test_an_expired_lease_is_replaced(setup, monkeypatch):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "big", None, None)
+    first = ledger.admit(checks, 1000)
+    db.execute("delete from reservations")  # as another process's heartbeat does after a long suspension
+    db.conn.commit()
+    second = ledger.admit(checks, 1000)  # a transaction notices
+    assert second.admitted and first.admitted
+    assert db.execute("select tokens, owner from reservations").fetchall() == [(1000 + 15_625, ledger.owner)]
+
+
+def test_leases_never_admit_past_the_limit(setup):
+    """Two processes, random requests and rows landing at random times: the
+    tokens promised (used + estimates in flight) never exceed the limit."""
+    import random
+
+    config, db, clock, ledger = setup
+    other = Ledger(ledger.path, config, clock=clock, owner="other")
+    checks = checks_for(config, "big", None, None)
+    rng = random.Random(7)
+    in_flight: list[tuple[int, int, str]] = []  # (reservation, estimate, owner)
+    used = refused = 0
+    while refused < 50:
+        if in_flight and rng.random() < 0.45:
+            reservation, estimate, owner = in_flight.pop(rng.randrange(len(in_flight)))
+            tokens = rng.randint(estimate // 2, estimate)  # the real usage, at most the estimate
+            add_row(db, clock.now, "big", tokens, reservation=(reservation, estimate, owner))
+            used += tokens
+            continue
+        process = rng.choice((ledger, other))
+        estimate = rng.randint(500, 30_000)
+        decision = process.admit_local(checks, estimate) or process.admit(checks, estimate)
+        if decision.admitted:
+            in_flight.append((decision.reservation, estimate, process.owner))
+        else:
+            refused += 1
+        assert used + sum(e for _, e, _ in in_flight) <= 1_000_000
+    assert used + sum(e for _, e, _ in in_flight) > 1_000_000 - 2 * 30_000  # and the pool did fill up
+    other.close()
