@@ -73,6 +73,7 @@ class Call:
     block_message: str | None = None
     finished: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # for other addons (reservations)
+    flow: http.HTTPFlow | None = None
 
 
 class StreamTap:
@@ -161,6 +162,7 @@ class UsageMeter:
         self.prepare_rows: Any = None  # set by the pricing addon
         self.after_commit: Any = None
         self.max_sse_buffer = 16 * 1024 * 1024
+        self.stopped = False  # done() ran: the writer is closed
 
     # -- options -----------------------------------------------------------
     def load(self, loader) -> None:
@@ -212,9 +214,15 @@ class UsageMeter:
             facts = self._stream_facts(call)
             if facts is not None and facts.done and facts.usage is not None and not call.stream.broken:
                 self._emit(call, None, "ok", facts=facts)
-            else:
-                self._emit(call, None, "aborted", facts=facts, error="proxy shut down before the exchange finished")
+                continue
+            self._emit(call, None, "aborted", facts=facts, error="proxy shut down before the exchange finished")
+            # mitmproxy may still serve this flow while later addons finish
+            # their done(): the client must not get an answer the row says
+            # it never got.
+            if call.flow is not None and call.flow.killable:
+                call.flow.kill()
         self.calls.clear()
+        self.stopped = True
         if self.writer is not None:
             self.writer.flush(timeout=30)
             self.writer.close()
@@ -227,7 +235,7 @@ class UsageMeter:
     def request(self, flow: http.HTTPFlow) -> None:
         # A response set by an earlier addon (an issued-key 401, say) is
         # recorded too; enforcement marks its own refusals as blocked.
-        if not self.is_metered(flow.request.pretty_host):
+        if self.stopped or not self.is_metered(flow.request.pretty_host):
             return
         call = self._inspect(flow)
         self.calls[flow.id] = call
@@ -261,7 +269,9 @@ class UsageMeter:
         if call is None:
             # The client went away before its request was complete: the
             # request hook never ran, but the exchange is still recorded.
-            if flow.request is None or not self.is_metered(flow.request.pretty_host) or flow.response is not None:
+            if self.stopped or flow.request is None or flow.response is not None:
+                return
+            if not self.is_metered(flow.request.pretty_host):
                 return
             call = self._inspect(flow)
         message = flow.error.msg if flow.error else "connection error"
@@ -313,6 +323,7 @@ class UsageMeter:
             key_hint=meter.key_hint(key) if key else None,
             project=req.headers.get("openai-project"),
             user_agent=(req.headers.get("user-agent") or "")[:200] or None,
+            flow=flow,
         )
         model = facts.model or endpoint.deployment
         assert self.matcher is not None and self.config is not None

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     status = subparsers.add_parser(
         "status", help="each pool's used / limit / remaining / reset time",
         description="Print each pool's usage in its current window, as the proxy counts it "
-                    "(rows of the window plus reservations of requests in flight).",
+                    "(rows of the window; reserved: requests in flight and the proxies' spare lease tokens).",
     )
     add_common(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
