@@ -18,6 +18,7 @@ import argparse
 import logging
 import threading
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from . import config as config_mod
@@ -64,6 +65,7 @@ class Pricer:
         self.overrides = dict(prices or {})
         self.provider = provider
         self._unknown: set[str] = set()
+        self._rates: dict[tuple[str, str | None], tuple[Decimal, Decimal, Decimal] | None] = {}
         self._lock = threading.Lock()  # reprice and the writer may share one Pricer in tests
 
     @classmethod
@@ -109,14 +111,19 @@ class Pricer:
         if row.get("audio_seconds") is not None and not values:
             values["audio_seconds"] = float(row["audio_seconds"])
         tier = row.get("service_tier")
-        context = {"service_tier": tier} if tier in PRICED_TIERS else None
+        tier = tier if tier in PRICED_TIERS else None
+        when = _timestamp(row.get("ts")) or datetime.now(UTC)
+        if "audio_seconds" not in values:
+            rates = self._linear_rates(model, tier, when)
+            if rates is not None:
+                return self._linear_cost(rates, values)
         try:
             result = calc_price(
                 Usage(**values),
                 model,
                 provider_id=self.provider,
-                genai_request_timestamp=_timestamp(row.get("ts")) or datetime.now(UTC),
-                price_context=context,
+                genai_request_timestamp=when,
+                price_context={"service_tier": tier} if tier else None,
             )
         except LookupError:
             self._warn_unknown(model)
@@ -125,6 +132,58 @@ class Pricer:
             self._warn_unknown(model, f"{type(exc).__name__}: {exc}")
             return None
         return round(float(result.total_price), 10)
+
+    # genai-prices prices a row in ~100 us (a general unit registry): too much
+    # for every row of a busy proxy. Most models' prices are constant per
+    # token, so the cost is linear in (uncached input, cached input, output):
+    # the rates are read once per model and tier, by pricing probe usages,
+    # and checked against one more probe. Tiered or time-dependent prices
+    # keep the full calculation.
+    @staticmethod
+    def _linear_cost(rates: tuple[Decimal, Decimal, Decimal], values: dict[str, int | float]) -> float:
+        input_tokens = int(values.get("input_tokens", 0))
+        cached = int(values.get("cache_read_tokens", 0))
+        usd = ((input_tokens - cached) * rates[0] + cached * rates[1] + int(values.get("output_tokens", 0)) * rates[2])
+        return round(float(usd / MILLION), 10)
+
+    def _linear_rates(self, model: str, tier: str | None, when: datetime) -> tuple[Decimal, Decimal, Decimal] | None:
+        key = (model, tier)
+        try:
+            return self._rates[key]
+        except KeyError:
+            pass
+        try:
+            rates = self._probe_rates(model, tier, when)
+        except Exception:  # unknown model, odd price data: the full calculation decides
+            rates = None
+        self._rates[key] = rates
+        return rates
+
+    def _probe_rates(self, model: str, tier: str | None, when: datetime) -> tuple[Decimal, Decimal, Decimal] | None:
+        from genai_prices import Usage, calc_price, types
+        from genai_prices.data_snapshot import get_snapshot
+
+        _, info = get_snapshot().find_provider_model(model, None, self.provider, None)
+        if not isinstance(info.prices, types.ModelPrice):
+            return None  # prices that change over time
+        if any(variant.constraint is not None for variant in info.price_variants or ()):
+            return None
+        context = {"service_tier": tier} if tier else None
+        resolved = info.get_prices(when, context)
+        if any(isinstance(value, types.TieredPrices) for value in vars(resolved).values()):
+            return None
+
+        def price(input_tokens: int, cached: int, output: int) -> Decimal:
+            usage = Usage(input_tokens=input_tokens, cache_read_tokens=cached, output_tokens=output)
+            return calc_price(usage, model, provider_id=self.provider, genai_request_timestamp=when,
+                              price_context=context).total_price
+
+        rates = (price(MILLION, 0, 0), price(MILLION, MILLION, 0), price(0, 0, MILLION))
+        probe = (123_457, 45_678, 9_876)
+        expected = ((probe[0] - probe[1]) * rates[0] + probe[1] * rates[1] + probe[2] * rates[2]) / MILLION
+        if abs(price(*probe) - expected) > Decimal("1e-15"):
+            return None
+        return rates
 
     def _warn_unknown(self, model: str, why: str = "no price known") -> None:
         with self._lock:

@@ -185,3 +185,36 @@ cached_input = 0.5
     log = proxy.log()
     assert log.count("unknown-model-q") >= 1 and "no price known" in log
     assert Decimal(str(gpt4o["cost_usd"])) > 0
+
+
+def test_linear_rates_give_exactly_what_genai_prices_computes():
+    """The per-model rates (the fast path) against calc_price itself, for
+    every OpenAI model in the catalogue, each tier, assorted usages."""
+    import random
+    from datetime import datetime, timezone
+
+    from genai_prices.data_snapshot import get_snapshot
+
+    when = datetime(2026, 11, 22, 10, tzinfo=timezone.utc)
+    provider = next(p for p in get_snapshot().providers if p.id == "openai")
+    rng = random.Random(3)
+    pricer = Pricer()
+    fast = 0
+    for info in provider.models:
+        for tier in (None, "flex", "priority"):
+            for _ in range(4):
+                input_tokens = rng.choice([0, 1, 17, 999, 128_000, 250_000, rng.randint(0, 400_000)])
+                cached = rng.randint(0, input_tokens)
+                output = rng.choice([0, 1, rng.randint(0, 100_000)])
+                r = row(info.id, input_tokens=input_tokens, cached_tokens=cached, output_tokens=output,
+                        service_tier=tier)
+                try:
+                    expected = calc_price(Usage(input_tokens=input_tokens, cache_read_tokens=cached,
+                                                output_tokens=output), info.id, provider_id="openai",
+                                          genai_request_timestamp=when,
+                                          price_context={"service_tier": tier} if tier else None)
+                except Exception:
+                    continue  # a model the catalogue cannot price this way: the slow path's business
+                assert pricer.cost(r) == round(float(expected.total_price), 10), (info.id, tier, r)
+        fast += pricer._rates.get((info.id, None)) is not None
+    assert fast > 20  # most models took the fast path
