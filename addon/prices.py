@@ -65,7 +65,7 @@ class Pricer:
         self.overrides = dict(prices or {})
         self.provider = provider
         self._unknown: set[str] = set()
-        self._rates: dict[tuple[str, str | None], tuple[Decimal, Decimal, Decimal] | None] = {}
+        self._rates: dict[tuple[Any, ...], tuple[Decimal, Decimal, Decimal] | None] = {}
         self._lock = threading.Lock()  # reprice and the writer may share one Pricer in tests
 
     @classmethod
@@ -136,9 +136,9 @@ class Pricer:
     # genai-prices prices a row in ~100 us (a general unit registry): too much
     # for every row of a busy proxy. Most models' prices are constant per
     # token, so the cost is linear in (uncached input, cached input, output):
-    # the rates are read once per model and tier, by pricing probe usages,
-    # and checked against one more probe. Tiered or time-dependent prices
-    # keep the full calculation.
+    # the rates are read once per model, tier and UTC day (prices change at
+    # a start date), by pricing probe usages, and checked against one more
+    # probe. Tiered prices and other time conditions keep the full calculation.
     @staticmethod
     def _linear_cost(rates: tuple[Decimal, Decimal, Decimal], values: dict[str, int | float]) -> float:
         input_tokens = int(values.get("input_tokens", 0))
@@ -147,7 +147,7 @@ class Pricer:
         return round(float(usd / MILLION), 10)
 
     def _linear_rates(self, model: str, tier: str | None, when: datetime) -> tuple[Decimal, Decimal, Decimal] | None:
-        key = (model, tier)
+        key = (model, tier, when.astimezone(UTC).date())
         try:
             return self._rates[key]
         except KeyError:
@@ -164,10 +164,11 @@ class Pricer:
         from genai_prices.data_snapshot import get_snapshot
 
         _, info = get_snapshot().find_provider_model(model, None, self.provider, None)
-        if not isinstance(info.prices, types.ModelPrice):
-            return None  # prices that change over time
-        if any(variant.constraint is not None for variant in info.price_variants or ()):
-            return None
+        constraints = [getattr(conditional, "constraint", None) for conditional in
+                       ([] if isinstance(info.prices, types.ModelPrice) else info.prices)]
+        constraints += [variant.constraint for variant in info.price_variants or ()]
+        if any(c is not None and not isinstance(c, types.StartDateConstraint) for c in constraints):
+            return None  # prices that change within a day
         context = {"service_tier": tier} if tier else None
         resolved = info.get_prices(when, context)
         if any(isinstance(value, types.TieredPrices) for value in vars(resolved).values()):

@@ -216,5 +216,9 @@ def test_linear_rates_give_exactly_what_genai_prices_computes():
                 except Exception:
                     continue  # a model the catalogue cannot price this way: the slow path's business
                 assert pricer.cost(r) == round(float(expected.total_price), 10), (info.id, tier, r)
-        fast += pricer._rates.get((info.id, None)) is not None
+        fast += pricer._rates.get((info.id, None, when.date())) is not None
     assert fast > 20  # most models took the fast path
+    for model in ("gpt-4o-mini-2024-07-18", "gpt-5", "gpt-4.1"):
+        for tier in (None, "flex", "priority"):
+            pricer.cost(row(model, input_tokens=10, output_tokens=10, service_tier=tier))
+        assert all(pricer._rates.get((model, tier, when.date())) for tier in (None, "flex", "priority")), model
