@@ -163,6 +163,9 @@ class UsageMeter:
         self.after_commit: Any = None
         self.max_sse_buffer = 16 * 1024 * 1024
         self.stopped = False  # done() ran: the writer is closed
+        self._host_cache: dict[str, tuple[str, bool]] = {}
+        self._key_cache: dict[str, tuple[str, str]] = {}  # credential -> (key_id, key_hint)
+        self._day_cache: tuple[int, str] = (-1, "")  # (quarter hour since the epoch, local day)
 
     # -- options -----------------------------------------------------------
     def load(self, loader) -> None:
@@ -186,11 +189,13 @@ class UsageMeter:
             except config_mod.ConfigError as exc:
                 raise exceptions.OptionsError(str(exc)) from None
             self.matcher = PoolMatcher(self.config)
+            self._day_cache = (-1, "")  # the time zone may have changed
         if "usage_hosts" in updated or not self.hosts:
             hosts = [h.strip().lower() for h in ctx.options.usage_hosts.split(",") if h.strip()]
             if not hosts:
                 raise exceptions.OptionsError("usage_hosts: give at least one host, e.g. api.openai.com")
             self.hosts = hosts
+            self._host_cache.clear()
         if "usage_db" in updated or self.writer is None:
             if not ctx.options.usage_db:
                 raise exceptions.OptionsError("usage_db: give a path for the SQLite database")
@@ -232,10 +237,26 @@ class UsageMeter:
         host = host.lower().rstrip(".")
         return any(host == pattern or fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
 
+    def metered_host(self, request: http.Request) -> str | None:
+        """The request's host (`pretty_host`) when it is metered, else None.
+
+        Memoized by Host header: parsing and matching it cost more than the
+        rest of a request's bookkeeping.
+        """
+        authority = request.host_header or ""
+        cached = self._host_cache.get(authority or request.host)
+        if cached is None:
+            host = request.pretty_host
+            cached = (host, self.is_metered(host))
+            if len(self._host_cache) >= 1024:
+                self._host_cache.clear()
+            self._host_cache[authority or request.host] = cached
+        return cached[0] if cached[1] else None
+
     def request(self, flow: http.HTTPFlow) -> None:
         # A response set by an earlier addon (an issued-key 401, say) is
         # recorded too; enforcement marks its own refusals as blocked.
-        if self.stopped or not self.is_metered(flow.request.pretty_host):
+        if self.stopped or self.metered_host(flow.request) is None:
             return
         call = self._inspect(flow)
         self.calls[flow.id] = call
@@ -271,7 +292,7 @@ class UsageMeter:
             # request hook never ran, but the exchange is still recorded.
             if self.stopped or flow.request is None or flow.response is not None:
                 return
-            if not self.is_metered(flow.request.pretty_host):
+            if self.metered_host(flow.request) is None:
                 return
             call = self._inspect(flow)
         message = flow.error.msg if flow.error else "connection error"
@@ -292,7 +313,8 @@ class UsageMeter:
         req = flow.request
         endpoint = meter.classify(req.method, req.path)
         raw = req.raw_content or b""
-        content_type = req.headers.get("content-type", "").lower()
+        headers = _header_map(req.headers)
+        content_type = headers.get("content-type", "").lower()
         facts = meter.RequestFacts(input_chars=len(raw))
         body_obj: Any = None
         if raw and "json" in content_type or (raw[:1] in (b"{", b"[") and "multipart" not in content_type):
@@ -309,20 +331,21 @@ class UsageMeter:
                 facts = _scan_request(body)
         elif "multipart/form-data" in content_type:
             facts = _scan_multipart(raw)
-        key = meter.credential(req.headers)
+        key = meter.credential(headers)
+        key_id, key_hint = self._key_names(key) if key else (None, None)
         # An addon that rewrites credentials (issued keys) says whose call it is.
         identity = flow.metadata.get("usage_identity")
         call = Call(
             started=req.timestamp_start or time.time(),
-            host=req.pretty_host,
+            host=self.metered_host(req) or req.pretty_host,
             method=req.method,
             path=req.path.split("?", 1)[0][:500],
             endpoint=endpoint,
             request=facts,
-            key_id=meter.key_id(key) if key else None,
-            key_hint=meter.key_hint(key) if key else None,
-            project=req.headers.get("openai-project"),
-            user_agent=(req.headers.get("user-agent") or "")[:200] or None,
+            key_id=key_id,
+            key_hint=key_hint,
+            project=headers.get("openai-project"),
+            user_agent=(headers.get("user-agent") or "")[:200] or None,
             flow=flow,
         )
         model = facts.model or endpoint.deployment
@@ -348,6 +371,24 @@ class UsageMeter:
             req.headers["accept-encoding"] = "identity"
             call.extra["injected_usage"] = True
         return call
+
+    def _key_names(self, key: str) -> tuple[str, str]:
+        names = self._key_cache.get(key)
+        if names is None:
+            names = (meter.key_id(key), meter.key_hint(key))
+            if len(self._key_cache) >= 1024:
+                self._key_cache.clear()
+            self._key_cache[key] = names
+        return names
+
+    def _local_day(self, started: datetime) -> str:
+        # Days change on quarter hours in every time zone: one computation
+        # per quarter hour instead of one per row.
+        quarter = int(started.timestamp() // 900)
+        if self._day_cache[0] != quarter:
+            day = local_day(started, self.config.timezone) if self.config else started.date().isoformat()
+            self._day_cache = (quarter, day)
+        return self._day_cache[1]
 
     def _stream_facts(self, call: Call) -> meter.StreamMeter | None:
         return call.stream.meter if call.stream is not None else None
@@ -444,7 +485,7 @@ class UsageMeter:
             headers = {"x-request-id": call.extra["response_head"][1]}
         row: dict[str, Any] = {
             "ts": iso_utc(started),
-            "day": local_day(started, self.config.timezone) if self.config else started.date().isoformat(),
+            "day": self._local_day(started),
             "host": call.host,
             "method": call.method,
             "path": call.path,
@@ -476,6 +517,17 @@ class UsageMeter:
                 log.exception("usage: listener %r failed", listener)
         if self.writer is not None:
             self.writer.put(row)
+
+
+def _header_map(headers: http.Headers) -> dict[str, str]:
+    """Lower-cased name -> first value, in one pass over the fields (each
+    `headers.get` scans them all)."""
+    found: dict[str, str] = {}
+    for name, value in headers.fields:
+        key = name.decode("latin-1").lower()
+        if key not in found:
+            found[key] = value.decode("utf-8", "surrogateescape")
+    return found
 
 
 def _client_went_away(message: str) -> bool:
