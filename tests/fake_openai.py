@@ -9,6 +9,7 @@ with `extra_headers`:
 
     x-fake-status: 500          answer with this error status
     x-fake-delay: 0.4           seconds between SSE events (default 0)
+    x-fake-latency: 0.2         seconds before answering a POST, like a model at work
     x-fake-encoding: gzip       body encoding (default: gzip for JSON)
     x-fake-behavior: ...        reset-mid-stream | no-usage | error-event |
                                 non-json | stall | azure-first-chunk |
@@ -250,6 +251,9 @@ class Handler(BaseHTTPRequestHandler):
         received = self._record(raw)
         if self.headers.get("x-fake-behavior") == "stall-headers":
             time.sleep(float(self.headers.get("x-fake-stall") or 30))
+        latency = float(self.headers.get("x-fake-latency") or 0)
+        if latency > 0:
+            time.sleep(latency)
         status = int(self.headers.get("x-fake-status") or 0)
         if status:
             return self._error(status)
