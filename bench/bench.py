@@ -329,6 +329,10 @@ THROUGHPUT = ("plain", "plain-stream", "meter", "addon")
 TTFB = ("plain-stream", "meter", "addon", "plain")
 
 
+def latency_rounds(args) -> int:
+    return args.rounds // 2 + 1
+
+
 def _cpu(process: psutil.Process) -> float:
     times = process.cpu_times()
     return times.user + times.system
@@ -365,7 +369,7 @@ def run(proxies: dict[str, Mitmdump], fake: psutil.Process, args) -> dict:
     for name, proxy in proxies.items():
         results[name]["rss_after_mb"] = proxy.rss_mb()
     # The same mix in front of an upstream that takes its time.
-    for round_no in range(max(args.rounds // 2, 1)):
+    for round_no in range(latency_rounds(args)):
         shift = round_no % len(THROUGHPUT)
         for name in THROUGHPUT[shift:] + THROUGHPUT[:shift]:
             proxy = proxies[name]
@@ -416,7 +420,7 @@ def report(results: dict, args) -> None:
           f"{args.concurrency} keep-alive connections, {args.rounds} rounds x {args.duration:g} s per proxy; "
           f"with upstream latency ({UPSTREAM_LATENCY['x-fake-latency']} s before each answer, "
           f"{UPSTREAM_LATENCY['x-fake-delay']} s between stream events): {args.latency_concurrency} connections, "
-          f"{max(args.rounds // 2, 1)} rounds; mitmdump "
+          f"{latency_rounds(args)} rounds; mitmdump "
           + ("pinned to its own core" if args.pinned else "not pinned"))
     print("requests: " + ", ".join(f"{n} {results[n]['requests']} ({results[n]['errors']} errors)"
                                     for n in THROUGHPUT) + f"; rows written: {results.get('rows_written')}")

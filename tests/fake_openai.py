@@ -101,6 +101,13 @@ class Handler(BaseHTTPRequestHandler):
     # second waits for the peer's delayed ACK (40 ms), which real APIs never
     # show and which would hide the proxy's own cost in benchmarks.
     disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(10)
+            self.request.do_handshake()
+            self.request.settimeout(None)
+        super().setup()
     server: FakeServer
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
@@ -527,6 +534,9 @@ def _event(kind: str, payload: dict, seq) -> bytes:
 class FakeServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Benchmarks open dozens of connections at once: the default backlog of 5
+    # drops SYNs, and each drop costs the client a 1 s retransmission.
+    request_queue_size = 256
 
     def __init__(self, port: int = 0, tls: bool = True) -> None:
         super().__init__(("127.0.0.1", port), Handler)
@@ -536,12 +546,20 @@ class FakeServer(ThreadingHTTPServer):
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             cert, key = _self_signed_cert()
             context.load_cert_chain(cert, key)
-            self.socket = context.wrap_socket(self.socket, server_side=True)
+            # The handshake happens on the connection's own thread (Handler.setup),
+            # not in the accept loop, where one slow client would hold up the rest.
+            self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
         self.thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         return self.server_address[1]
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that goes away mid-handshake or mid-request is normal here.
+        if isinstance(__import__("sys").exc_info()[1], (ssl.SSLError, ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
     def start(self) -> FakeServer:
         self.thread = threading.Thread(target=self.serve_forever, name="fake-openai", daemon=True)
