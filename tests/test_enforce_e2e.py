@@ -305,3 +305,33 @@ def test_fail_policy_when_the_database_is_locked(make_proxy, tmp_path, policy):
     rows = proxy.wait_rows(2)
     assert [r["outcome"] for r in rows] == ["ok", "ok" if policy == "open" else "blocked"]
     assert proxy.log().count("cannot check limits") == 1
+
+
+def test_far_from_the_limit_requests_are_admitted_from_the_lease(make_proxy, tmp_path):
+    """The first request reserves spare tokens; the next ones are admitted in
+    memory, so they pass even while the database is locked and the pools
+    fail closed. Their rows land, and their estimates leave the lease, once
+    the lock is gone."""
+    import sqlite3
+
+    proxy = make_proxy(options={"usage_config": write_config(tmp_path, 1_000_000), "usage_fail": "closed"})
+    client = proxy.client(max_retries=0)
+    assert ask(client).usage.total_tokens > 0
+    proxy.wait_rows(1)
+    locker = sqlite3.connect(proxy.db, timeout=10)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        for _ in range(3):
+            assert ask(client).usage.total_tokens > 0
+    finally:
+        locker.rollback()
+        locker.close()
+    rows = proxy.wait_rows(4)
+    assert [r["outcome"] for r in rows] == ["ok"] * 4
+    assert "cannot check limits" not in proxy.log()
+    conn = sqlite3.connect(proxy.db)
+    try:
+        (reserved,) = conn.execute("select sum(tokens) from reservations where pool = 'premium'").fetchone()
+    finally:
+        conn.close()
+    assert 0 < reserved <= 1_000_000 // 64  # what is left is spare: every row took its estimate off
