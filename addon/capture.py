@@ -74,6 +74,7 @@ class Call:
     finished: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # for other addons (reservations)
     flow: http.HTTPFlow | None = None
+    response_headers: dict[str, str] | None = None  # read once, in responseheaders
 
 
 class StreamTap:
@@ -266,13 +267,13 @@ class UsageMeter:
         response = flow.response
         if call is None or response is None or call.blocked:
             return
-        content_type = response.headers.get("content-type", "")
-        if "text/event-stream" not in content_type.lower():
+        headers = call.response_headers = _header_map(response.headers)
+        if "text/event-stream" not in headers.get("content-type", "").lower():
             return
-        strip = call.extra.get("injected_usage", False) and "content-length" not in response.headers
+        strip = call.extra.get("injected_usage", False) and "content-length" not in headers
         call.streamed = True
-        call.stream = StreamTap(strip, response.headers.get("content-encoding"), self.max_sse_buffer)
-        call.extra["response_head"] = (response.status_code, response.headers.get("x-request-id"))  # for done()
+        call.stream = StreamTap(strip, headers.get("content-encoding"), self.max_sse_buffer)
+        call.extra["response_head"] = (response.status_code, headers.get("x-request-id"))  # for done()
         response.stream = call.stream
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -430,7 +431,7 @@ class UsageMeter:
         raw = response.raw_content
         if not raw:
             return meter.BodyFacts()
-        content_type = response.headers.get("content-type", "").lower()
+        content_type = _response_headers(call, response).get("content-type", "").lower()
         if "json" not in content_type and raw[:1] not in (b"{", b"["):
             return meter.BodyFacts()
         if len(raw) > MAX_PARSED_RESPONSE:
@@ -479,7 +480,7 @@ class UsageMeter:
                 ttfb = (call.stream.first_byte - call.started) * 1000
             if response.timestamp_end:
                 end = response.timestamp_end
-        headers = response.headers if response is not None else {}
+        headers = _response_headers(call, response) if response is not None else {}
         if response is None and "response_head" in call.extra:  # shut down mid-stream
             status = status or call.extra["response_head"][0]
             headers = {"x-request-id": call.extra["response_head"][1]}
@@ -528,6 +529,13 @@ def _header_map(headers: http.Headers) -> dict[str, str]:
         if key not in found:
             found[key] = value.decode("utf-8", "surrogateescape")
     return found
+
+
+def _response_headers(call: Call, response: http.Response) -> dict[str, str]:
+    # An answer made by an addon (a refusal) never passed responseheaders.
+    if call.response_headers is None:
+        call.response_headers = _header_map(response.headers)
+    return call.response_headers
 
 
 def _client_went_away(message: str) -> bool:
