@@ -201,7 +201,8 @@ class UsageMeter:
             if not ctx.options.usage_db:
                 raise exceptions.OptionsError("usage_db: give a path for the SQLite database")
             old = self.writer
-            self.writer = Writer(ctx.options.usage_db, prepare=self._prepare, after_commit=self._after_commit)
+            self.writer = Writer(ctx.options.usage_db, prepare=self._prepare, after_commit=self._after_commit,
+                                 on_drop=self._dropped)
             if old is not None:
                 old.close()
 
@@ -209,11 +210,20 @@ class UsageMeter:
         if self.prepare_rows is not None:
             self.prepare_rows(rows)
 
+    def _dropped(self, rows: list[dict[str, Any]]) -> None:
+        """Rows the writer had to give up (writer thread): listeners release what they held."""
+        for listener in self.listeners:
+            on_dropped = getattr(listener, "on_dropped", None)
+            if on_dropped is not None:
+                on_dropped(rows)
+
     def _after_commit(self, db, rows) -> None:
         if self.after_commit is not None:
             self.after_commit(db, rows)
 
     def done(self) -> None:
+        should_exit = getattr(getattr(ctx, "master", None), "should_exit", None)
+        shutting_down = should_exit is None or should_exit.is_set()
         for call in list(self.calls.values()):
             # Flows still open at shutdown: record what is known. A stream
             # whose end already went to the client is complete, not aborted.
@@ -222,10 +232,10 @@ class UsageMeter:
                 self._emit(call, None, "ok", facts=facts)
                 continue
             self._emit(call, None, "aborted", facts=facts, error="proxy shut down before the exchange finished")
-            # mitmproxy may still serve this flow while later addons finish
-            # their done(): the client must not get an answer the row says
-            # it never got.
-            if call.flow is not None and call.flow.killable:
+            # Shutting down, mitmproxy may still serve this flow while later
+            # addons finish their done(): the client must not get an answer
+            # the row says it never got. (A script reload leaves it alone.)
+            if shutting_down and call.flow is not None and call.flow.killable:
                 call.flow.kill()
         self.calls.clear()
         self.stopped = True

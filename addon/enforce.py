@@ -144,13 +144,15 @@ class Limits:
         if ledger is None or alerts is None:
             return
         self._ticks += 1
-        try:
-            ledger.release_idle()
-            if self._ticks % int(HEARTBEAT_INTERVAL / TICK_INTERVAL) == 1:
-                ledger.heartbeat()
-            self._evaluate_alerts()
-        except Exception as exc:
-            log.debug("usage: ledger tick failed: %s", exc)
+        # Each step on its own: one failing must not skip the others.
+        steps = [ledger.release_idle, self._evaluate_alerts]
+        if self._ticks % int(HEARTBEAT_INTERVAL / TICK_INTERVAL) == 1:
+            steps.insert(0, ledger.heartbeat)
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                log.debug("usage: ledger tick (%s) failed: %s", step.__name__, exc)
 
     def _evaluate_alerts(self) -> None:
         ledger, alerts = self.ledger, self.alerts
@@ -187,7 +189,7 @@ class Limits:
         for waiter, decision, exc in outcomes:
             if waiter.done():  # gave up waiting (timeout): give a late admission back
                 if decision is not None and decision.admitted and decision.reservation is not None and self.ledger:
-                    self.ledger.give_back(decision.reservation, decision.estimate)
+                    self.ledger.give_back(decision.reservation, decision.estimate, decision.owner or "")
             elif exc is not None:
                 waiter.set_exception(exc)
             else:
@@ -211,7 +213,7 @@ class Limits:
         # hook is a plain function so that this path costs no coroutine.
         decision = ledger.admit_local(checks, estimate)
         if decision is not None:
-            call.extra["reservation"] = (decision.reservation, estimate, ledger.owner)
+            call.extra["reservation"] = (decision.reservation, estimate, decision.owner)
             return None
         return self._admit(flow, call, checks, estimate)
 
@@ -238,9 +240,9 @@ class Limits:
             if call.finished:
                 # The client left while we waited: nothing will be recorded against it.
                 if self.ledger is not None and decision.reservation is not None:
-                    self.ledger.give_back(decision.reservation, estimate)
+                    self.ledger.give_back(decision.reservation, estimate, decision.owner or "")
                 return
-            call.extra["reservation"] = (decision.reservation, estimate, self.ledger.owner if self.ledger else "")
+            call.extra["reservation"] = (decision.reservation, estimate, decision.owner)
             return
         self._block(flow, call, 429, decision, refusal_message(decision, self.ledger.clock() if self.ledger else None))
 
@@ -281,6 +283,16 @@ class Limits:
             "code": "usage_limit_exceeded" if status == 429 else "usage_unavailable",
         }
         flow.response = http.Response.make(status, json.dumps({"error": error}).encode(), headers)
+
+    def on_dropped(self, rows: list[dict[str, Any]]) -> None:
+        """Rows the writer gave up on (writer thread): what they held is spare again."""
+        ledger = self.ledger
+        if ledger is None:
+            return
+        for row in rows:
+            held = row.get("_reservation")
+            if held:
+                ledger.give_back(*held)
 
     def on_row(self, call: Call, row: dict[str, Any]) -> None:
         # The writer takes the estimate off the lease in the transaction

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -174,6 +175,13 @@ class Lease:
     id: int | None = None
     spare: int = 0  # reserved in the database, promised to no request yet
     used_at: float = 0.0  # time.monotonic() of the last admission from it
+    owner: str | None = None  # the row's owner: this ledger's prefix plus a number of its own
+
+    def copy(self) -> Lease:
+        return Lease(self.id, self.spare, self.used_at, self.owner)
+
+    def same_row(self, other: Lease) -> bool:
+        return self.id == other.id and self.owner == other.owner
 
 
 def lease_scope(checks: list[Check]) -> tuple[str, str | None]:
@@ -191,6 +199,7 @@ class Decision:
     resets_at: datetime | None = None
     window_start: datetime | None = None
     reason: str | None = None  # when refused: "limit" or "unavailable"
+    owner: str | None = None  # when admitted: the reservation row's owner
 
 
 @dataclass(slots=True)
@@ -221,7 +230,14 @@ class Ledger:
         self.path = Path(path)
         self.config = config
         self.clock = clock
-        self.owner = owner or f"{os.uname().nodename}:{os.getpid()}"
+        # Reservation rows are this ledger's when their owner starts with
+        # `owner` + "#"; each lease row has an owner of its own. SQLite reuses
+        # the ids of deleted rows, and a process reconfigures or reopens a
+        # moved database: a row that lands late must never take tokens off
+        # another lease, so rows are matched by (id, owner).
+        self.process = owner or f"{os.uname().nodename}:{os.getpid()}"
+        self.owner = f"{self.process}/{secrets.token_hex(4)}"
+        self._lease_seq = 0
         self._db: sqlite_utils.Database | None = None
         self._file: tuple[int, int] | None = None
         self._moved = False
@@ -229,12 +245,11 @@ class Ledger:
         self._last_reset_id: int | None = None
         self._resets: dict[tuple[str, str | None], datetime] = {}
         self._counters: dict[tuple[str, str | None], Counter] = {}
-        self.live: dict[int, float] = {}  # reservation id -> created (this process)
         # Leases are read and taken from by the event loop (admit_local) and
         # grown by the ledger thread: a lock, held for memory updates only.
         self._leases: dict[tuple[str, str | None], Lease] = {}
         self._lease_lock = threading.Lock()
-        self._confirmed = 0.0  # time.monotonic() of the last transaction that kept the leases alive
+        self._confirmed = 0.0  # time.time() of the last transaction that saw the leases alive
 
     # -- connection ------------------------------------------------------
     @property
@@ -247,7 +262,7 @@ class Ledger:
             self._moved = True
             with self._lease_lock:  # their rows stay in the old file
                 self._leases.clear()
-                self.live.clear()
+                self.owner = f"{self.process}/{secrets.token_hex(4)}"
         if self._db is None and self._moved and not self.path.exists():
             # The writer recreates it (after moving the old WAL out of the
             # way); creating it here could pair a new file with the old WAL.
@@ -294,19 +309,21 @@ class Ledger:
             lease = self._leases.get(scope)
             if lease is None or lease.id is None or lease.spare < estimate:
                 return None
-            if time.monotonic() - self._confirmed > 2 * HEARTBEAT_INTERVAL:
-                return None  # the row may have expired: let a transaction check
+            if time.time() - self._confirmed > 2 * HEARTBEAT_INTERVAL:
+                return None  # the row may have expired meanwhile (a suspended machine): a transaction checks
             lease.spare -= estimate
             lease.used_at = time.monotonic()
-            return Decision(True, lease.id, estimate=estimate)
+            return Decision(True, lease.id, estimate=estimate, owner=lease.owner)
 
-    def give_back(self, reservation: int, estimate: int) -> None:
+    def give_back(self, reservation: int, estimate: int, owner: str) -> None:
         """An admitted request that will never be recorded: its tokens are spare again."""
         with self._lease_lock:
             for lease in self._leases.values():
-                if lease.id == reservation:
+                if lease.id == reservation and lease.owner == owner:
                     lease.spare += estimate
                     return
+            # Else a lease replaced since, or of an earlier configuration or
+            # file: its row expires on its own.
 
     def admit(self, checks: list[Check], estimate: int) -> Decision:
         """Reserve `estimate` tokens against every check, or refuse."""
@@ -320,68 +337,73 @@ class Ledger:
         """
         now = self.clock()
         created = time.time()
-        # Spare tokens move into this transaction: the event loop cannot
-        # promise them meanwhile, and a rollback puts them back.
-        taken: dict[tuple[str, str | None], Lease] = {}
+        pools = {checks[0].pool.name for checks, _ in requests}
+        # The spare tokens of every lease in these pools move into this
+        # transaction: the event loop cannot promise them meanwhile, they
+        # count as this process's own, and a rollback puts them back.
         with self._lease_lock:
             for checks, _ in requests:
-                scope = lease_scope(checks)
-                if scope not in taken:
-                    lease = self._leases.setdefault(scope, Lease())
-                    taken[scope] = Lease(lease.id, lease.spare)
-                    lease.spare = 0
-        work = {scope: Lease(lease.id, lease.spare) for scope, lease in taken.items()}
+                self._leases.setdefault(lease_scope(checks), Lease())
+            taken = {scope: lease.copy() for scope, lease in self._leases.items() if scope[0] in pools}
+            for scope in taken:
+                self._leases[scope].spare = 0
+        work = {scope: lease.copy() for scope, lease in taken.items()}
         decisions: list[Decision] = []
         try:
             with self._immediate():
                 self._refresh(now)
                 reserved, ours = self._reserved()
                 for lease in work.values():
-                    if lease.id is not None and lease.id not in ours:
-                        lease.id, lease.spare = None, 0  # expired (a long suspension): start a new one
+                    if lease.id is not None and (lease.id, lease.owner) not in ours:
+                        lease.id, lease.owner, lease.spare = None, None, 0  # expired (a long suspension): a new one
                 for checks, estimate in requests:
-                    decisions.append(self._decide(checks, estimate, now, reserved, work[lease_scope(checks)],
-                                                  created))
+                    decisions.append(self._decide(checks, estimate, now, reserved, work, created))
         except BaseException as exc:
             with self._lease_lock:
                 for scope, lease in taken.items():
                     current = self._leases.get(scope)
-                    if current is not None and current.id == lease.id:  # else the database was moved
+                    if current is not None and current.same_row(lease):  # else the database was moved
                         current.spare += lease.spare
             if isinstance(exc, sqlite3.Error):
                 self._reset_connection()
             raise
-        moment = self._confirmed = time.monotonic()
+        self._confirmed = created
+        moment = time.monotonic()
         with self._lease_lock:
             for scope, lease in work.items():
                 current = self._leases.setdefault(scope, Lease())
-                if current.id != lease.id:
-                    if current.id is not None:
-                        self.live.pop(current.id, None)
-                    current.id = lease.id
-                current.spare += lease.spare
-                if lease.id is not None:
-                    self.live[lease.id] = created
-            if any(d.admitted for d in decisions):
-                for scope in work:
-                    self._leases[scope].used_at = moment
+                if not current.same_row(lease):
+                    # A new row: what was given back meanwhile belonged to the old one.
+                    current.id, current.owner, current.spare = lease.id, lease.owner, lease.spare
+                else:
+                    current.spare += lease.spare
+            for (checks, _), decision in zip(requests, decisions, strict=True):
+                if decision.admitted:
+                    self._leases[lease_scope(checks)].used_at = moment
         return decisions
 
     def _decide(self, checks: list[Check], estimate: int, now: datetime,
-                reserved: dict[tuple[str, str | None], int], lease: Lease, created: float) -> Decision:
+                reserved: dict[tuple[str, str | None], int], work: dict[tuple[str, str | None], Lease],
+                created: float) -> Decision:
+        scope = lease_scope(checks)
+        lease = work[scope]
         if lease.id is not None and lease.spare >= estimate:
             lease.spare -= estimate
-            return Decision(True, lease.id, estimate=estimate)
+            return Decision(True, lease.id, estimate=estimate, owner=lease.owner)
+        pool_spare = sum(other.spare for other_scope, other in work.items() if other_scope[0] == scope[0])
         room: int | None = None
         for check in checks:
             counter = self._counter(check.pool, check.key_id, now)
-            # Our own spare tokens are ours to use: only the rest is held.
-            held = reserved.get((check.pool.name, check.key_id), 0) - lease.spare
+            # This process's own spare tokens are its to use: only the rest is held.
+            own = pool_spare if check.key_id is None else lease.spare
+            held = reserved.get((check.pool.name, check.key_id), 0) - own
             left = check.limit - counter.total - held
             if estimate > left:
-                if lease.spare:  # near the limit spare tokens serve whoever asks next
-                    self._grow(lease, -lease.spare, checks, reserved, created)
-                    lease.spare = 0
+                # Near the limit, spare tokens serve whoever asks next.
+                for other_scope, other in work.items():
+                    if other_scope[0] == scope[0] and other.spare:
+                        self._grow(other, -other.spare, other_scope, reserved, created)
+                        other.spare = 0
                 return Decision(False, None, check, counter.total, max(held, 0), estimate,
                                 None if check.pool.window.is_rolling else counter.end, counter.start, "limit")
             share = min((left - estimate) // LEASE_SHARE, check.limit // LEASE_LIMIT_SHARE)
@@ -389,24 +411,26 @@ class Ledger:
         # Spare tokens only when they cover at least one more such request:
         # smaller ones would be held for nothing.
         spare = room if room is not None and room >= estimate else 0
-        self._grow(lease, estimate + spare - lease.spare, checks, reserved, created)
+        self._grow(lease, estimate + spare - lease.spare, scope, reserved, created)
         lease.spare = spare
-        return Decision(True, lease.id, estimate=estimate)
+        return Decision(True, lease.id, estimate=estimate, owner=lease.owner)
 
-    def _grow(self, lease: Lease, delta: int, checks: list[Check], reserved: dict[tuple[str, str | None], int],
-              created: float) -> None:
+    def _grow(self, lease: Lease, delta: int, scope: tuple[str, str | None],
+              reserved: dict[tuple[str, str | None], int], created: float) -> None:
         """Add `delta` tokens (may be negative) to the lease's row, creating it if needed."""
-        pool, key = lease_scope(checks)
+        pool, key = scope
         conn = self.db.conn
         if lease.id is None:
+            self._lease_seq += 1
+            lease.owner = f"{self.owner}#{self._lease_seq}"
             cursor = conn.execute(
                 "INSERT INTO reservations (pool, key_id, tokens, created, expires, owner) VALUES (?, ?, ?, ?, ?, ?)",
-                (pool, key, max(delta, 0), created, created + RESERVATION_TTL, self.owner),
+                (pool, key, max(delta, 0), created, created + RESERVATION_TTL, lease.owner),
             )
             lease.id = int(cursor.lastrowid)
         elif delta:
-            conn.execute("UPDATE reservations SET tokens = MAX(tokens + ?, 0), expires = ? WHERE id = ?",
-                         (delta, created + RESERVATION_TTL, lease.id))
+            conn.execute("UPDATE reservations SET tokens = MAX(tokens + ?, 0), expires = ? WHERE id = ? AND owner = ?",
+                         (delta, created + RESERVATION_TTL, lease.id, lease.owner))
         # Later requests of the same batch see this (as _reserved would).
         reserved[(pool, None)] = reserved.get((pool, None), 0) + delta
         if key is not None:
@@ -419,45 +443,48 @@ class Ledger:
         with self._lease_lock:
             for lease in self._leases.values():
                 if lease.id is not None and lease.spare and moment - lease.used_at >= idle:
-                    freed.append((lease, lease.id, lease.spare))
+                    freed.append((lease, lease.copy(), lease.spare))
                     lease.spare = 0
         if not freed:
             return
         try:
             with self._immediate() as conn:
-                conn.executemany("UPDATE reservations SET tokens = MAX(tokens - ?, 0) WHERE id = ?",
-                                 [(spare, lease_id) for _, lease_id, spare in freed])
+                conn.executemany("UPDATE reservations SET tokens = MAX(tokens - ?, 0) WHERE id = ? AND owner = ?",
+                                 [(spare, row.id, row.owner) for _, row, spare in freed])
         except BaseException:
             with self._lease_lock:
-                for lease, lease_id, spare in freed:
-                    if lease.id == lease_id:
+                for lease, row, spare in freed:
+                    if lease.same_row(row):
                         lease.spare += spare
             raise
 
     def release_all(self) -> None:
         """Graceful stop, every row written: this process's reservations go."""
         with self._lease_lock:
-            ids = list(self.live)
             self._leases.clear()
-            self.live.clear()
-        if ids:
-            with self._immediate() as conn:
-                conn.execute(f"DELETE FROM reservations WHERE id IN ({','.join('?' * len(ids))})", ids)
+        prefix = self.owner + "#"
+        with self._immediate() as conn:
+            conn.execute("DELETE FROM reservations WHERE substr(owner, 1, ?) = ?", (len(prefix), prefix))
 
     def heartbeat(self) -> None:
         """Keep this process's live reservations; expire abandoned ones."""
         now = time.time()
-        with self._lease_lock:
-            ids = list(self.live)
+        prefix = self.owner + "#"
         with self._immediate() as conn:
-            for start in range(0, len(ids), 500):
-                part = ids[start : start + 500]
-                conn.execute(
-                    f"UPDATE reservations SET expires = ? WHERE id IN ({','.join('?' * len(part))})",
-                    [now + RESERVATION_TTL, *part],
-                )
+            # Only rows still alive: one that expired may already be counted
+            # on by others.
+            conn.execute("UPDATE reservations SET expires = ? WHERE substr(owner, 1, ?) = ? AND expires > ?",
+                         (now + RESERVATION_TTL, len(prefix), prefix, now))
             conn.execute("DELETE FROM reservations WHERE expires <= ?", (now,))
-        self._confirmed = time.monotonic()
+            alive = set(conn.execute("SELECT id, owner FROM reservations WHERE substr(owner, 1, ?) = ?",
+                                     (len(prefix), prefix)).fetchall())
+        with self._lease_lock:
+            for lease in self._leases.values():
+                if lease.id is not None and (lease.id, lease.owner) not in alive:
+                    # Expired while this process was suspended: its spare
+                    # tokens are not reserved any more.
+                    lease.id, lease.owner, lease.spare = None, None, 0
+        self._confirmed = now
 
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:
@@ -473,10 +500,11 @@ class Ledger:
             raise
 
     # -- counters --------------------------------------------------------
-    def _reserved(self) -> tuple[dict[tuple[str, str | None], int], set[int]]:
-        """Live reservations of every process by (pool, key), and the ids of this one's."""
+    def _reserved(self) -> tuple[dict[tuple[str, str | None], int], set[tuple[int, str]]]:
+        """Live reservations of every process by (pool, key), and (id, owner) of this ledger's."""
         totals: dict[tuple[str, str | None], int] = {}
-        ours: set[int] = set()
+        ours: set[tuple[int, str]] = set()
+        prefix = self.owner + "#"
         rows = self.db.conn.execute(
             "SELECT id, pool, key_id, tokens, owner FROM reservations WHERE expires > ?", (time.time(),)
         ).fetchall()
@@ -484,8 +512,8 @@ class Ledger:
             totals[(pool, None)] = totals.get((pool, None), 0) + (tokens or 0)
             if key is not None:
                 totals[(pool, key)] = totals.get((pool, key), 0) + (tokens or 0)
-            if owner == self.owner:
-                ours.add(row_id)
+            if owner and owner.startswith(prefix):
+                ours.add((row_id, owner))
         return totals, ours
 
     def _refresh(self, now: datetime) -> None:

@@ -276,10 +276,12 @@ class Writer:
         retry_interval: float = 1.0,
         linger: float = 0.02,
         busy_linger: float = 0.1,
+        on_drop: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self.prepare = prepare
         self.after_commit = after_commit
+        self.on_drop = on_drop  # rows that will never be written (their reservations can go)
         self.spool_limit = max(int(spool_limit), 1)
         self.retry_interval = retry_interval
         # Seconds a batch waits for more rows (bounds what kill -9 can lose):
@@ -318,6 +320,7 @@ class Writer:
                 self._outage_dropped += 1
                 if self.dropped == 1 or self.dropped % 1000 == 0:
                     log.error("usage: writer is %d rows behind; dropped %d rows so far", self._pending, self.dropped)
+                self._dropped([row])
                 return
             self._pending += 1
         self._queue.put(row)
@@ -500,11 +503,22 @@ class Writer:
                 else:
                     self.rejected += 1
                     log.error("usage: dropped a row SQLite refuses (%s): %s", row_exc, row.get("path"))
+                    self._dropped([row])
+
+    def _dropped(self, rows: list[dict[str, Any]]) -> None:
+        if self.on_drop is not None:
+            try:
+                self.on_drop(rows)
+            except Exception:
+                log.exception("usage: drop hook failed")
 
     def _sanitize(self, row: dict[str, Any]) -> dict[str, Any]:
         clean: dict[str, Any] = {}
         for key, value in row.items():
-            if key not in REQUEST_COLUMNS and not key.startswith("_"):
+            if key.startswith("_"):  # private (a reservation): not a column, kept as is
+                clean[key] = value
+                continue
+            if key not in REQUEST_COLUMNS:
                 if key not in self._warned_columns:
                     self._warned_columns.add(key)
                     log.warning("usage: rows carry a column %r that table requests does not have; ignored", key)
@@ -543,7 +557,7 @@ class Writer:
             self._healthy = False
         for row in batch:
             if len(self._spool) >= self.spool_limit:
-                self._spool.popleft()
+                self._dropped([self._spool.popleft()])
                 self.dropped += 1
                 self._outage_dropped += 1
                 if self._outage_dropped == 1 or self._outage_dropped % 1000 == 0:
