@@ -295,11 +295,17 @@ class Limits:
                 ledger.give_back(*held)
 
     def on_row(self, call: Call, row: dict[str, Any]) -> None:
-        # The writer takes the estimate off the lease in the transaction
-        # that inserts the row (store.insert_rows).
+        # The writer takes the tokens off the lease in the transaction that
+        # inserts the row (store.insert_rows); what the estimate had too many
+        # is spare for this process's next requests at once.
         reservation = call.extra.get("reservation")
-        if reservation is not None:
-            row["_reservation"] = reservation
+        if reservation is None:
+            return
+        reservation_id, estimate, owner = reservation
+        held = estimate
+        if self.ledger is not None and owner is not None:
+            held = self.ledger.settle(reservation_id, owner, estimate, row.get("total_tokens") or 0)
+        row["_reservation"] = (reservation_id, held, owner)
 
     # -- commands ----------------------------------------------------------
     @command.command("usage.reset")

@@ -325,6 +325,22 @@ class Ledger:
             # Else a lease replaced since, or of an earlier configuration or
             # file: its row expires on its own.
 
+    def settle(self, reservation: int, owner: str, estimate: int, used: int) -> int:
+        """A request finished using `used` tokens: what its row must take off the lease.
+
+        When it used less than its estimate, the difference is spare again at
+        once (this process can promise it while the row is on its way); the
+        row then takes only what was used. Using more keeps the estimate.
+        """
+        if used >= estimate:
+            return estimate
+        with self._lease_lock:
+            for lease in self._leases.values():
+                if lease.id == reservation and lease.owner == owner:
+                    lease.spare += estimate - used
+                    return used
+        return estimate  # a lease replaced since: its row expires on its own
+
     def admit(self, checks: list[Check], estimate: int) -> Decision:
         """Reserve `estimate` tokens against every check, or refuse."""
         return self.admit_many([(checks, estimate)])[0]

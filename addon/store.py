@@ -275,7 +275,7 @@ class Writer:
         spool_limit: int = 20_000,
         retry_interval: float = 1.0,
         linger: float = 0.02,
-        busy_linger: float = 0.1,
+        busy_linger: float = 0.05,
         on_drop: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.path = Path(path)

@@ -389,32 +389,43 @@ def test_an_expired_lease_is_replaced(setup, monkeypatch):
 
 
 def test_leases_never_admit_past_the_limit(setup):
-    """Two processes, random requests and rows landing at random times: the
-    tokens promised (used + estimates in flight) never exceed the limit."""
+    """Two processes, random requests that finish and whose rows land at
+    random times: the tokens promised (rows landed, used by finished requests
+    whose rows are on their way, estimates of requests in flight) never
+    exceed the limit."""
     import random
 
     config, db, clock, ledger = setup
     other = Ledger(ledger.path, config, clock=clock, owner="other")
     checks = checks_for(config, "big", None, None)
     rng = random.Random(7)
-    in_flight: list[tuple[int, int, str]] = []  # (reservation, estimate, owner)
-    used = refused = 0
+    in_flight: list[tuple[Ledger, int, int, str]] = []  # (process, reservation, estimate, owner)
+    finished: list[tuple[int, int, str, int]] = []  # (reservation, tokens held, owner, tokens used)
+    landed = refused = 0
+
+    def promised() -> int:
+        return landed + sum(f[3] for f in finished) + sum(f[2] for f in in_flight)
+
     while refused < 50:
-        if in_flight and rng.random() < 0.45:
-            reservation, estimate, owner = in_flight.pop(rng.randrange(len(in_flight)))
+        step = rng.random()
+        if in_flight and step < 0.3:
+            process, reservation, estimate, owner = in_flight.pop(rng.randrange(len(in_flight)))
             tokens = rng.randint(estimate // 2, estimate)  # the real usage, at most the estimate
-            add_row(db, clock.now, "big", tokens, reservation=(reservation, estimate, owner))
-            used += tokens
-            continue
-        process = rng.choice((ledger, other))
-        estimate = rng.randint(500, 30_000)
-        decision = process.admit_local(checks, estimate) or process.admit(checks, estimate)
-        if decision.admitted:
-            in_flight.append((decision.reservation, estimate, decision.owner))
+            finished.append((reservation, process.settle(reservation, owner, estimate, tokens), owner, tokens))
+        elif finished and step < 0.5:
+            reservation, held, owner, tokens = finished.pop(rng.randrange(len(finished)))
+            add_row(db, clock.now, "big", tokens, reservation=(reservation, held, owner))
+            landed += tokens
         else:
-            refused += 1
-        assert used + sum(e for _, e, _ in in_flight) <= 1_000_000
-    assert used + sum(e for _, e, _ in in_flight) > 1_000_000 - 2 * 30_000  # and the pool did fill up
+            process = rng.choice((ledger, other))
+            estimate = rng.randint(500, 30_000)
+            decision = process.admit_local(checks, estimate) or process.admit(checks, estimate)
+            if decision.admitted:
+                in_flight.append((process, decision.reservation, estimate, decision.owner))
+            else:
+                refused += 1
+        assert promised() <= 1_000_000
+    assert promised() > 1_000_000 - 2 * 30_000  # and the pool did fill up
     other.close()
 
 
@@ -478,3 +489,17 @@ def test_rows_the_writer_drops_give_their_estimate_back(setup, tmp_path):
         writer.close()
     assert len(dropped) == 4 and writer.dropped == 4
     assert ledger.admit_local(checks, 15_625 - 5000 + 4000) is not None  # the four estimates are spare again
+
+
+def test_a_finished_request_settles_its_unused_estimate_as_spare(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "premium", None, None)  # a small pool: no spare of its own
+    first = ledger.admit(checks, 300)
+    assert reserved_in_db(db) == 300 and ledger.admit_local(checks, 200) is None
+    held = ledger.settle(first.reservation, first.owner, 300, 120)  # it used 120 of the 300
+    assert held == 120
+    assert ledger.admit_local(checks, 180) is not None  # the 180 it did not use, before its row lands
+    add_row(db, clock.now, "premium", 120, reservation=(first.reservation, held, first.owner))
+    assert reserved_in_db(db) == 180  # the request admitted from it
+    assert ledger.settle(first.reservation, first.owner, 100, 150) == 100  # used more: the estimate stays
+    assert ledger.settle(first.reservation, "someone else", 100, 0) == 100
