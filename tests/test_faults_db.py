@@ -47,6 +47,8 @@ def call(proxy, marker: str, n: int = 1, stream: bool = False) -> None:
 def count(db: Path, marker: str | None = None) -> int:
     conn = sqlite3.connect(db)
     try:
+        if not conn.execute("select 1 from sqlite_master where name = 'requests'").fetchone():
+            return 0  # the proxy has not created its schema yet
         if marker is None:
             return conn.execute("select count(*) from requests").fetchone()[0]
         return conn.execute("select count(*) from requests where user_agent = ?", (marker,)).fetchone()[0]
