@@ -54,6 +54,7 @@ HEARTBEAT_INTERVAL = 30.0
 LEASE_SHARE = 16  # spare tokens of a lease: at most 1/16 of what is left ...
 LEASE_LIMIT_SHARE = 64  # ... and 1/64 of the limit
 LEASE_IDLE = 10.0  # seconds without an admission before spare tokens go back
+OWN_ROWS = "substr(owner, 1, ?) = ?"  # with Ledger._own_rows(): a ledger's reservation rows
 LEDGER_BUSY_TIMEOUT_MS = 2000
 WINDOW_DAYS_AHEAD = 400
 
@@ -478,22 +479,25 @@ class Ledger:
         """Graceful stop, every row written: this process's reservations go."""
         with self._lease_lock:
             self._leases.clear()
-        prefix = self.owner + "#"
         with self._immediate() as conn:
-            conn.execute("DELETE FROM reservations WHERE substr(owner, 1, ?) = ?", (len(prefix), prefix))
+            conn.execute(f"DELETE FROM reservations WHERE {OWN_ROWS}", self._own_rows())
+
+    def _own_rows(self) -> tuple[int, str]:
+        """Parameters of OWN_ROWS: this ledger's reservation rows."""
+        prefix = self.owner + "#"
+        return len(prefix), prefix
 
     def heartbeat(self) -> None:
         """Keep this process's live reservations; expire abandoned ones."""
         now = time.time()
-        prefix = self.owner + "#"
         with self._immediate() as conn:
             # Only rows still alive: one that expired may already be counted
             # on by others.
-            conn.execute("UPDATE reservations SET expires = ? WHERE substr(owner, 1, ?) = ? AND expires > ?",
-                         (now + RESERVATION_TTL, len(prefix), prefix, now))
+            conn.execute(f"UPDATE reservations SET expires = ? WHERE {OWN_ROWS} AND expires > ?",
+                         (now + RESERVATION_TTL, *self._own_rows(), now))
             conn.execute("DELETE FROM reservations WHERE expires <= ?", (now,))
-            alive = set(conn.execute("SELECT id, owner FROM reservations WHERE substr(owner, 1, ?) = ?",
-                                     (len(prefix), prefix)).fetchall())
+            alive = set(conn.execute(f"SELECT id, owner FROM reservations WHERE {OWN_ROWS}",
+                                     self._own_rows()).fetchall())
         with self._lease_lock:
             for lease in self._leases.values():
                 if lease.id is not None and (lease.id, lease.owner) not in alive:
@@ -520,7 +524,7 @@ class Ledger:
         """Live reservations of every process by (pool, key), and (id, owner) of this ledger's."""
         totals: dict[tuple[str, str | None], int] = {}
         ours: set[tuple[int, str]] = set()
-        prefix = self.owner + "#"
+        _, prefix = self._own_rows()
         rows = self.db.conn.execute(
             "SELECT id, pool, key_id, tokens, owner FROM reservations WHERE expires > ?", (time.time(),)
         ).fetchall()
