@@ -12,11 +12,13 @@ and, while the pool is far from its limit, by some spare tokens: later
 requests are admitted from the spare part in memory, without a transaction
 (`admit_local`). The spare part is at most 1/16 of what is left in the
 window and 1/64 of the limit; near the limit it is zero and every request
-is decided in the database. The writer thread takes a request's estimate
-off the lease in the same transaction that inserts its row, so a request is
-always counted exactly once: as reserved, then as used. Spare tokens no
-request asked for in LEASE_IDLE seconds go back to the pool, and a refusal
-gives them back at once.
+is decided in the database. When a request finishes, what its estimate had
+too many becomes spare again (up to what the last decision allowed; the
+rest goes back to the pool in the next transaction), and the writer thread
+takes what it used off the lease in the same transaction that inserts its
+row, so a request is always counted exactly once: as reserved, then as
+used. Spare tokens no request asked for in LEASE_IDLE seconds go back to
+the pool, and a refusal gives them back at once.
 
 `used` is kept incrementally: the ledger remembers the last `requests.id` it
 has seen and adds newer rows (from every process) to its per-window totals;
@@ -177,9 +179,11 @@ class Lease:
     spare: int = 0  # reserved in the database, promised to no request yet
     used_at: float = 0.0  # time.monotonic() of the last admission from it
     owner: str | None = None  # the row's owner: this ledger's prefix plus a number of its own
+    cap: int = 0  # the spare the last decision in the database allowed (none near the limit)
+    excess: int = 0  # reserved in the database for nobody: given back in the next transaction
 
     def copy(self) -> Lease:
-        return Lease(self.id, self.spare, self.used_at, self.owner)
+        return Lease(self.id, self.spare, self.used_at, self.owner, self.cap, self.excess)
 
     def same_row(self, other: Lease) -> bool:
         return self.id == other.id and self.owner == other.owner
@@ -330,15 +334,20 @@ class Ledger:
         """A request finished using `used` tokens: what its row must take off the lease.
 
         When it used less than its estimate, the difference is spare again at
-        once (this process can promise it while the row is on its way); the
-        row then takes only what was used. Using more keeps the estimate.
+        once, up to the spare the last decision in the database allowed (none
+        near the limit, where it would be held against other processes); the
+        rest goes back to the pool in the next transaction (at most a second
+        away). The row then takes only what was used. Using more keeps the
+        estimate.
         """
         if used >= estimate:
             return estimate
         with self._lease_lock:
             for lease in self._leases.values():
                 if lease.id == reservation and lease.owner == owner:
-                    lease.spare += estimate - used
+                    kept = min(estimate - used, max(lease.cap - lease.spare, 0))
+                    lease.spare += kept
+                    lease.excess += estimate - used - kept
                     return used
         return estimate  # a lease replaced since: its row expires on its own
 
@@ -363,16 +372,24 @@ class Ledger:
                 self._leases.setdefault(lease_scope(checks), Lease())
             taken = {scope: lease.copy() for scope, lease in self._leases.items() if scope[0] in pools}
             for scope in taken:
-                self._leases[scope].spare = 0
+                self._leases[scope].spare = self._leases[scope].excess = 0
         work = {scope: lease.copy() for scope, lease in taken.items()}
         decisions: list[Decision] = []
         try:
             with self._immediate():
                 self._refresh(now)
                 reserved, ours = self._reserved()
-                for lease in work.values():
+                for scope, lease in work.items():
                     if lease.id is not None and (lease.id, lease.owner) not in ours:
-                        lease.id, lease.owner, lease.spare = None, None, 0  # expired (a long suspension): a new one
+                        # Expired (a long suspension): a new one.
+                        lease.id, lease.owner, lease.spare, lease.excess = None, None, 0, 0
+                    elif lease.excess:
+                        self._grow(lease, -lease.excess, scope, reserved, created)
+                        lease.excess = 0
+                with self._lease_lock:  # the other pools' leases: still there?
+                    for scope, lease in self._leases.items():
+                        if scope not in work and lease.id is not None and (lease.id, lease.owner) not in ours:
+                            lease.id, lease.owner, lease.spare, lease.excess = None, None, 0, 0
                 for checks, estimate in requests:
                     decisions.append(self._decide(checks, estimate, now, reserved, work, created))
         except BaseException as exc:
@@ -381,6 +398,7 @@ class Ledger:
                     current = self._leases.get(scope)
                     if current is not None and current.same_row(lease):  # else the database was moved
                         current.spare += lease.spare
+                        current.excess += lease.excess
             if isinstance(exc, sqlite3.Error):
                 self._reset_connection()
             raise
@@ -391,9 +409,10 @@ class Ledger:
                 current = self._leases.setdefault(scope, Lease())
                 if not current.same_row(lease):
                     # A new row: what was given back meanwhile belonged to the old one.
-                    current.id, current.owner, current.spare = lease.id, lease.owner, lease.spare
+                    current.id, current.owner, current.spare, current.excess = lease.id, lease.owner, lease.spare, 0
                 else:
                     current.spare += lease.spare
+                current.cap = lease.cap
             for (checks, _), decision in zip(requests, decisions, strict=True):
                 if decision.admitted:
                     self._leases[lease_scope(checks)].used_at = moment
@@ -407,20 +426,24 @@ class Ledger:
         if lease.id is not None and lease.spare >= estimate:
             lease.spare -= estimate
             return Decision(True, lease.id, estimate=estimate, owner=lease.owner)
-        pool_spare = sum(other.spare for other_scope, other in work.items() if other_scope[0] == scope[0])
+        # This process's spare in the pool's other scopes (other keys) goes
+        # back first: it must not be held against this request, nor be
+        # promised twice.
+        for other_scope, other in work.items():
+            if other_scope != scope and other_scope[0] == scope[0] and other.spare:
+                self._grow(other, -other.spare, other_scope, reserved, created)
+                other.spare = other.cap = 0
         room: int | None = None
         for check in checks:
             counter = self._counter(check.pool, check.key_id, now)
-            # This process's own spare tokens are its to use: only the rest is held.
-            own = pool_spare if check.key_id is None else lease.spare
-            held = reserved.get((check.pool.name, check.key_id), 0) - own
+            # The lease's own spare tokens are its to use: only the rest is held.
+            held = reserved.get((check.pool.name, check.key_id), 0) - lease.spare
             left = check.limit - counter.total - held
             if estimate > left:
                 # Near the limit, spare tokens serve whoever asks next.
-                for other_scope, other in work.items():
-                    if other_scope[0] == scope[0] and other.spare:
-                        self._grow(other, -other.spare, other_scope, reserved, created)
-                        other.spare = 0
+                if lease.spare:
+                    self._grow(lease, -lease.spare, scope, reserved, created)
+                lease.spare = lease.cap = 0
                 return Decision(False, None, check, counter.total, max(held, 0), estimate,
                                 None if check.pool.window.is_rolling else counter.end, counter.start, "limit")
             share = min((left - estimate) // LEASE_SHARE, check.limit // LEASE_LIMIT_SHARE)
@@ -429,7 +452,7 @@ class Ledger:
         # smaller ones would be held for nothing.
         spare = room if room is not None and room >= estimate else 0
         self._grow(lease, estimate + spare - lease.spare, scope, reserved, created)
-        lease.spare = spare
+        lease.spare = lease.cap = spare
         return Decision(True, lease.id, estimate=estimate, owner=lease.owner)
 
     def _grow(self, lease: Lease, delta: int, scope: tuple[str, str | None],
@@ -454,25 +477,31 @@ class Ledger:
             reserved[(pool, key)] = reserved.get((pool, key), 0) + delta
 
     def release_idle(self, idle: float = LEASE_IDLE) -> None:
-        """Spare tokens of leases no request used lately go back to the pool."""
+        """Spare tokens of leases no request used lately go back to the pool,
+        and what finished requests left over (`excess`) in every lease."""
         moment = time.monotonic()
-        freed: list[tuple[Lease, int, int]] = []
+        freed: list[tuple[Lease, Lease, int]] = []
         with self._lease_lock:
             for lease in self._leases.values():
-                if lease.id is not None and lease.spare and moment - lease.used_at >= idle:
-                    freed.append((lease, lease.copy(), lease.spare))
-                    lease.spare = 0
+                if lease.id is None:
+                    continue
+                idle_spare = lease.spare if moment - lease.used_at >= idle else 0
+                if idle_spare or lease.excess:
+                    freed.append((lease, lease.copy(), idle_spare))
+                    lease.spare -= idle_spare
+                    lease.excess = 0
         if not freed:
             return
         try:
             with self._immediate() as conn:
                 conn.executemany("UPDATE reservations SET tokens = MAX(tokens - ?, 0) WHERE id = ? AND owner = ?",
-                                 [(spare, row.id, row.owner) for _, row, spare in freed])
+                                 [(spare + row.excess, row.id, row.owner) for _, row, spare in freed])
         except BaseException:
             with self._lease_lock:
                 for lease, row, spare in freed:
                     if lease.same_row(row):
                         lease.spare += spare
+                        lease.excess += row.excess
             raise
 
     def release_all(self) -> None:
@@ -480,11 +509,12 @@ class Ledger:
         with self._lease_lock:
             self._leases.clear()
         with self._immediate() as conn:
-            conn.execute(f"DELETE FROM reservations WHERE {OWN_ROWS}", self._own_rows())
+            conn.execute(f"DELETE FROM reservations WHERE {OWN_ROWS}", self._own_rows(whole_process=True))
 
-    def _own_rows(self) -> tuple[int, str]:
-        """Parameters of OWN_ROWS: this ledger's reservation rows."""
-        prefix = self.owner + "#"
+    def _own_rows(self, whole_process: bool = False) -> tuple[int, str]:
+        """Parameters of OWN_ROWS: this ledger's reservation rows, or those of
+        every ledger this process had (before a reconfiguration)."""
+        prefix = self.process + "/" if whole_process else self.owner + "#"
         return len(prefix), prefix
 
     def heartbeat(self) -> None:
@@ -492,9 +522,10 @@ class Ledger:
         now = time.time()
         with self._immediate() as conn:
             # Only rows still alive: one that expired may already be counted
-            # on by others.
+            # on by others. Rows of this process's earlier configurations too:
+            # their requests in flight still hold them.
             conn.execute(f"UPDATE reservations SET expires = ? WHERE {OWN_ROWS} AND expires > ?",
-                         (now + RESERVATION_TTL, *self._own_rows(), now))
+                         (now + RESERVATION_TTL, *self._own_rows(whole_process=True), now))
             conn.execute("DELETE FROM reservations WHERE expires <= ?", (now,))
             alive = set(conn.execute(f"SELECT id, owner FROM reservations WHERE {OWN_ROWS}",
                                      self._own_rows()).fetchall())
@@ -503,7 +534,7 @@ class Ledger:
                 if lease.id is not None and (lease.id, lease.owner) not in alive:
                     # Expired while this process was suspended: its spare
                     # tokens are not reserved any more.
-                    lease.id, lease.owner, lease.spare = None, None, 0
+                    lease.id, lease.owner, lease.spare, lease.excess = None, None, 0, 0
         self._confirmed = now
 
     @contextmanager

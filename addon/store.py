@@ -466,7 +466,10 @@ class Writer:
         if self._healthy is None:
             self._healthy = True
         for claimed in self._claimed:  # rows saved by an earlier run are committed now
-            claimed.unlink(missing_ok=True)
+            try:
+                claimed.unlink(missing_ok=True)
+            except OSError as exc:  # the batch is committed: it must not be spooled again
+                log.warning("usage: could not remove %s (%s); its rows are written, delete it by hand", claimed, exc)
         self._claimed.clear()
 
     def _commit(self, db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:

@@ -431,11 +431,15 @@ def test_leases_never_admit_past_the_limit(setup):
 
 def test_own_spare_tokens_in_other_scopes_are_not_held_against_this_process(setup):
     config, db, clock, ledger = setup
-    assert ledger.admit(checks_for(config, "big", "k1", None), 1000).admitted  # a key's lease, with spare
+    key_checks = checks_for(config, "big", "k1", None)
+    assert ledger.admit(key_checks, 1000).admitted  # a key's lease, with spare
     assert reserved_in_db(db) == 1000 + 15_625
-    # A pool-wide request that fits only if that spare counts as this process's own.
+    # A pool-wide request that fits only once that spare goes back: it does,
+    # and the key's lease cannot promise it a second time.
     big = ledger.admit(checks_for(config, "big", None, None), 1_000_000 - 1000 - 10_000)
     assert big.admitted
+    assert ledger.admit_local(key_checks, 1000) is None
+    assert reserved_in_db(db) <= 1_000_000
 
 
 def test_a_vanished_lease_is_noticed_by_the_heartbeat(setup):
@@ -491,15 +495,35 @@ def test_rows_the_writer_drops_give_their_estimate_back(setup, tmp_path):
     assert ledger.admit_local(checks, 15_625 - 5000 + 4000) is not None  # the four estimates are spare again
 
 
-def test_a_finished_request_settles_its_unused_estimate_as_spare(setup):
+def test_a_finished_request_settles_its_unused_estimate(setup):
     config, db, clock, ledger = setup
-    checks = checks_for(config, "premium", None, None)  # a small pool: no spare of its own
-    first = ledger.admit(checks, 300)
-    assert reserved_in_db(db) == 300 and ledger.admit_local(checks, 200) is None
-    held = ledger.settle(first.reservation, first.owner, 300, 120)  # it used 120 of the 300
-    assert held == 120
-    assert ledger.admit_local(checks, 180) is not None  # the 180 it did not use, before its row lands
-    add_row(db, clock.now, "premium", 120, reservation=(first.reservation, held, first.owner))
-    assert reserved_in_db(db) == 180  # the request admitted from it
+    # Far from the limit: what the estimate had too many is spare at once,
+    # up to the spare the last decision allowed.
+    big = checks_for(config, "big", None, None)
+    first = ledger.admit(big, 1000)
+    assert ledger.admit_local(big, 15_625) is not None  # all the spare promised
+    assert ledger.settle(first.reservation, first.owner, 1000, 400) == 400  # it used 400
+    assert ledger.admit_local(big, 600) is not None  # the 600 it did not use, before its row lands
+    add_row(db, clock.now, "big", 400, reservation=(first.reservation, 400, first.owner))
+    assert db.execute("select tokens from reservations where pool = 'big'").fetchone()[0] == 15_625 + 600
     assert ledger.settle(first.reservation, first.owner, 100, 150) == 100  # used more: the estimate stays
     assert ledger.settle(first.reservation, "someone else", 100, 0) == 100
+
+
+def test_near_the_limit_unused_estimates_go_back_to_the_pool(setup):
+    """No hoarding: a process near the limit keeps no spare, so what its
+    requests did not use goes back to every process at its next transaction
+    (the tick, within a second)."""
+    config, db, clock, ledger = setup
+    other = Ledger(ledger.path, config, clock=clock, owner="other")
+    checks = checks_for(config, "premium", None, None)  # 1000: too small for spare
+    decisions = [ledger.admit(checks, 300) for _ in range(3)]
+    for decision in decisions:
+        held = ledger.settle(decision.reservation, decision.owner, 300, 50)
+        add_row(db, clock.now, "premium", 50, reservation=(decision.reservation, held, decision.owner))
+    assert ledger.admit_local(checks, 1) is None
+    assert not other.admit(checks, 300).admitted  # 150 used, 750 still reserved
+    ledger.release_idle()  # the tick
+    assert db.execute("select sum(tokens) from reservations where pool = 'premium'").fetchone()[0] == 0
+    assert other.admit(checks, 300).admitted
+    other.close()
