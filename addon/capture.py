@@ -267,9 +267,10 @@ class UsageMeter:
     def request(self, flow: http.HTTPFlow) -> None:
         # A response set by an earlier addon (an issued-key 401, say) is
         # recorded too; enforcement marks its own refusals as blocked.
-        if self.stopped or self.metered_host(flow.request) is None:
+        host = None if self.stopped else self.metered_host(flow.request)
+        if host is None:
             return
-        call = self._inspect(flow)
+        call = self._inspect(flow, host)
         self.calls[flow.id] = call
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -303,9 +304,10 @@ class UsageMeter:
             # request hook never ran, but the exchange is still recorded.
             if self.stopped or flow.request is None or flow.response is not None:
                 return
-            if self.metered_host(flow.request) is None:
+            host = self.metered_host(flow.request)
+            if host is None:
                 return
-            call = self._inspect(flow)
+            call = self._inspect(flow, host)
         message = flow.error.msg if flow.error else "connection error"
         if call.blocked:
             self._emit(call, flow, "blocked", error=call.block_message)
@@ -320,7 +322,7 @@ class UsageMeter:
         self._emit(call, flow, outcome, facts=facts, error=message, status=status)
 
     # -- internals ---------------------------------------------------------
-    def _inspect(self, flow: http.HTTPFlow) -> Call:
+    def _inspect(self, flow: http.HTTPFlow, host: str) -> Call:
         req = flow.request
         endpoint = meter.classify(req.method, req.path)
         raw = req.raw_content or b""
@@ -348,7 +350,7 @@ class UsageMeter:
         identity = flow.metadata.get("usage_identity")
         call = Call(
             started=req.timestamp_start or time.time(),
-            host=self.metered_host(req) or req.pretty_host,
+            host=host,
             method=req.method,
             path=req.path.split("?", 1)[0][:500],
             endpoint=endpoint,
