@@ -188,6 +188,11 @@ class Lease:
     def same_row(self, other: Lease) -> bool:
         return self.id == other.id and self.owner == other.owner
 
+    def forget(self) -> None:
+        """Its row is gone (expired): nothing it held is reserved any more."""
+        self.id = self.owner = None
+        self.spare = self.excess = 0
+
 
 def lease_scope(checks: list[Check]) -> tuple[str, str | None]:
     return checks[0].pool.name, next((c.key_id for c in checks if c.key_id), None)
@@ -381,15 +386,14 @@ class Ledger:
                 reserved, ours = self._reserved()
                 for scope, lease in work.items():
                     if lease.id is not None and (lease.id, lease.owner) not in ours:
-                        # Expired (a long suspension): a new one.
-                        lease.id, lease.owner, lease.spare, lease.excess = None, None, 0, 0
+                        lease.forget()  # expired (a long suspension): a new one
                     elif lease.excess:
                         self._grow(lease, -lease.excess, scope, reserved, created)
                         lease.excess = 0
                 with self._lease_lock:  # the other pools' leases: still there?
                     for scope, lease in self._leases.items():
                         if scope not in work and lease.id is not None and (lease.id, lease.owner) not in ours:
-                            lease.id, lease.owner, lease.spare, lease.excess = None, None, 0, 0
+                            lease.forget()
                 for checks, estimate in requests:
                     decisions.append(self._decide(checks, estimate, now, reserved, work, created))
         except BaseException as exc:
@@ -532,9 +536,7 @@ class Ledger:
         with self._lease_lock:
             for lease in self._leases.values():
                 if lease.id is not None and (lease.id, lease.owner) not in alive:
-                    # Expired while this process was suspended: its spare
-                    # tokens are not reserved any more.
-                    lease.id, lease.owner, lease.spare, lease.excess = None, None, 0, 0
+                    lease.forget()  # expired while this process was suspended
         self._confirmed = now
 
     @contextmanager
