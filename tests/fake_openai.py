@@ -8,7 +8,10 @@ Test control travels in request headers, which the `openai` SDK can send
 with `extra_headers`:
 
     x-fake-status: 500          answer with this error status
-    x-fake-delay: 0.4           seconds between SSE events (default 0)
+    x-fake-delay: 0.4           seconds between SSE events (default 0); a Chat
+                                Completions usage chunk and `[DONE]` follow
+                                the finish chunk at once, as from the real
+                                API (no token is generated for them)
     x-fake-latency: 0.2         seconds before answering a POST, like a model at work
     x-fake-encoding: gzip       body encoding (default: gzip for JSON)
     x-fake-behavior: ...        reset-mid-stream | no-usage | error-event |
@@ -196,7 +199,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
-    def _sse(self, frames: list[bytes]) -> None:
+    def _sse(self, frames: list[bytes], immediate_tail: int = 0) -> None:
+        """Send frames with x-fake-delay between them, except before the last
+        `immediate_tail` ones, which the model does not have to generate."""
         delay = float(self.headers.get("x-fake-delay") or 0)
         behavior = self.headers.get("x-fake-behavior", "")
         if self.headers.get("x-fake-newline") == "crlf":
@@ -218,7 +223,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if behavior == "stall" and index == 1:
                 time.sleep(float(self.headers.get("x-fake-stall") or 30))
-            if index and delay:
+            if index and delay and index < len(frames) - immediate_tail:
                 time.sleep(delay)
             if behavior == "invalid-utf8":
                 frame = frame.replace(b"data: {", b'data: {"junk\xc3\x28\xff":1,', 1)
@@ -345,15 +350,17 @@ class Handler(BaseHTTPRequestHandler):
             frames.append(_frame({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]}))
         if behavior == "keepalive":
             frames.insert(2, b": keep-alive\r\n\r\n")
+        tail = 1  # [DONE], and the usage chunk: they come with the finish chunk, not a token later
         if include_usage and behavior != "no-usage":
             received.usage_sent = usage
             frames.append(_frame({**base, "choices": [], "usage": usage, "obfuscation": "q"}))
+            tail = 2
         if behavior == "huge-frame":
             frames.insert(1, _frame({**base, "choices": [{"index": 0, "delta": {"content": "x" * 20_000_000}}]}))
         if behavior == "endless-frame":
             return self._endless()
         frames.append(b"data: [DONE]\n\n")
-        self._sse(frames)
+        self._sse(frames, immediate_tail=tail)
 
     def _organization(self) -> None:
         """Admin Usage and Costs APIs, computed from the usage this server really sent.

@@ -347,14 +347,15 @@ def test_first_chunk_is_not_held_back(case):
     started = time.monotonic()
     arrivals = []
     with case.client.chat.completions.with_streaming_response.create(
-        model="gpt-4o", messages=MESSAGES, stream=True, extra_headers={"x-fake-delay": "0.4", "x-fake-chunks": "4"}
+        model="gpt-4o", messages=MESSAGES, stream=True, extra_headers={"x-fake-delay": "0.4", "x-fake-chunks": "6"}
     ) as response:
         received = b""
         for piece in response.iter_bytes():
             arrivals.append(time.monotonic() - started)
             received += piece
     total = time.monotonic() - started
-    # 8 frames after the first, 400 ms apart: the stream lasts >= 2.8 s.
+    # 7 generated frames after the first, 400 ms apart (the usage chunk and
+    # [DONE] come with the last): the stream lasts >= 2.8 s.
     assert total > 2.5
     assert arrivals[0] < total / 4, (arrivals, total)
     assert len(arrivals) >= 5  # delivered progressively, not in one piece at the end
