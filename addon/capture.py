@@ -9,7 +9,6 @@ writer thread.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import re
 import time
@@ -377,9 +376,7 @@ class UsageMeter:
             and facts.include_usage is not True
             and isinstance(body_obj, dict)
         ):
-            options = body_obj.get("stream_options")
-            body_obj["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-            req.content = json.dumps(body_obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            req.content = meter.with_include_usage(body, body_obj)
             # The extra chunk can only be removed from an uncompressed stream.
             req.headers["accept-encoding"] = "identity"
             call.extra["injected_usage"] = True

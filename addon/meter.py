@@ -237,6 +237,27 @@ def facts_from_request(obj: Any, body_size: int = 0) -> RequestFacts:
     return facts
 
 
+def with_include_usage(body: bytes, obj: dict[str, Any]) -> bytes:
+    """The request body `body` (whose parsed form is `obj`) asking for a usage chunk.
+
+    Usually the request has no `stream_options`: the key is then added at the
+    front and the client's bytes are left as they are. Re-serializing would
+    cost a millisecond of the event loop per 250 KB of conversation, on every
+    call of an agent with a long context. Otherwise (`include_usage: false`,
+    other options) the body is written anew with the options merged.
+    """
+    start = len(body) - len(body.lstrip(b" \t\r\n"))
+    if "stream_options" not in obj and body[start : start + 1] == b"{":
+        # A body that parsed and starts with "{" is UTF-8 (UTF-16/32 would
+        # have NUL bytes first), so ASCII can go in as it is.
+        rest = body[start + 1 :]
+        separator = b"," if obj else b""
+        return body[: start + 1] + b'"stream_options":{"include_usage":true}' + separator + rest
+    options = obj.get("stream_options")
+    merged = {**obj, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+    return json.dumps(merged, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 # ---------------------------------------------------------------------------
 # Streams
 

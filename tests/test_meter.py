@@ -176,6 +176,59 @@ def test_request_facts():
     assert not meter.facts_from_request(["x"]).json_ok
 
 
+def test_include_usage_is_added_in_front_leaving_the_client_bytes_alone():
+    body = b'  {"model": "gpt-4o",\n "stream": true, "messages": [{"role": "user", "content": "h\xc3\xa9 \\u00e9"}]}'
+    out = meter.with_include_usage(body, json.loads(body))
+    assert out == b'  {"stream_options":{"include_usage":true},"model": "gpt-4o",\n "stream": true, ' \
+                  b'"messages": [{"role": "user", "content": "h\xc3\xa9 \\u00e9"}]}'
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"include_usage": False}, {"include_usage": True}),
+        ({"include_obfuscation": False}, {"include_obfuscation": False, "include_usage": True}),
+        (None, {"include_usage": True}),
+        ("junk", {"include_usage": True}),
+    ],
+)
+def test_include_usage_is_merged_into_existing_stream_options(options, expected):
+    obj = {"model": "gpt-4o", "stream": True, "stream_options": options}
+    out = json.loads(meter.with_include_usage(json.dumps(obj).encode(), obj))
+    assert out == {**obj, "stream_options": expected}
+    assert obj["stream_options"] == options  # the parsed request is not changed
+
+
+def test_include_usage_with_a_byte_order_mark_is_written_anew():
+    obj = {"model": "gpt-4o", "stream": True}
+    body = b"\xef\xbb\xbf" + json.dumps(obj).encode()
+    out = meter.with_include_usage(body, json.loads(body))
+    assert json.loads(out) == {**obj, "stream_options": {"include_usage": True}}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(
+    obj=st.dictionaries(st.text(max_size=8), json_values, max_size=5),
+    indent=st.sampled_from([None, 0, 2]),
+    ascii_only=st.booleans(),
+    lead=st.sampled_from(["", " ", "\n\t "]),
+)
+def test_include_usage_property(obj, indent, ascii_only, lead):
+    body = (lead + json.dumps(obj, indent=indent, ensure_ascii=ascii_only)).encode()
+    out = meter.with_include_usage(body, json.loads(body))
+    options = obj.get("stream_options")
+    expected = {**obj, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+    assert json.loads(out) == expected
+    if "stream_options" not in obj:
+        assert body[len(lead) + 1 :] in out  # the client's own bytes, untouched
+
+
 # ---------------------------------------------------------------------------
 # Credentials
 
