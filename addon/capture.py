@@ -376,10 +376,14 @@ class UsageMeter:
             and facts.include_usage is not True
             and isinstance(body_obj, dict)
         ):
-            req.content = meter.with_include_usage(body, body_obj)
-            # The extra chunk can only be removed from an uncompressed stream.
-            req.headers["accept-encoding"] = "identity"
-            call.extra["injected_usage"] = True
+            try:
+                req.content = meter.with_include_usage(body, body_obj)
+            except Exception as exc:  # the call is still metered, without usage
+                log.warning("usage: could not ask %s for a usage chunk: %r", req.path, exc)
+            else:
+                # The extra chunk can only be removed from an uncompressed stream.
+                req.headers["accept-encoding"] = "identity"
+                call.extra["injected_usage"] = True
         return call
 
     def _key_names(self, key: str) -> tuple[str, str]:

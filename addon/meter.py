@@ -247,15 +247,15 @@ def with_include_usage(body: bytes, obj: dict[str, Any]) -> bytes:
     other options) the body is written anew with the options merged.
     """
     start = len(body) - len(body.lstrip(b" \t\r\n"))
-    if "stream_options" not in obj and body[start : start + 1] == b"{":
-        # A body that parsed and starts with "{" is UTF-8 (UTF-16/32 would
-        # have NUL bytes first), so ASCII can go in as it is.
-        rest = body[start + 1 :]
+    # json.loads also reads UTF-16 and UTF-32 (with or without a BOM): ASCII
+    # can only go in as it is into UTF-8 without a BOM.
+    if "stream_options" not in obj and body[start : start + 1] == b"{" and json.detect_encoding(body) == "utf-8":
         separator = b"," if obj else b""
-        return body[: start + 1] + b'"stream_options":{"include_usage":true}' + separator + rest
+        return body[: start + 1] + b'"stream_options":{"include_usage":true}' + separator + body[start + 1 :]
     options = obj.get("stream_options")
     merged = {**obj, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
-    return json.dumps(merged, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    # ASCII escapes: a lone surrogate (which json.loads accepts) cannot be UTF-8 encoded.
+    return json.dumps(merged, separators=(",", ":")).encode("ascii")
 
 
 # ---------------------------------------------------------------------------

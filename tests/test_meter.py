@@ -199,10 +199,22 @@ def test_include_usage_is_merged_into_existing_stream_options(options, expected)
     assert obj["stream_options"] == options  # the parsed request is not changed
 
 
-def test_include_usage_with_a_byte_order_mark_is_written_anew():
-    obj = {"model": "gpt-4o", "stream": True}
-    body = b"\xef\xbb\xbf" + json.dumps(obj).encode()
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16-le", "utf-16-be", "utf-16", "utf-32-le", "utf-32"])
+def test_include_usage_in_other_encodings_is_written_anew(encoding):
+    # json.loads reads all of these; only plain UTF-8 takes ASCII inserted as is.
+    obj = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "Grüße"}]}
+    body = json.dumps(obj, ensure_ascii=False).encode(encoding)
     out = meter.with_include_usage(body, json.loads(body))
+    assert json.loads(out) == {**obj, "stream_options": {"include_usage": True}}
+
+
+@pytest.mark.parametrize("lone_surrogate", [b"\\ud800", b"\xed\xa0\x80"])
+@pytest.mark.parametrize("options", [b"", b'"stream_options": {"include_usage": false}, '])
+def test_include_usage_with_a_lone_surrogate(lone_surrogate, options):
+    # Valid for json.loads, not encodable as UTF-8: the body must still go out.
+    body = b'{' + options + b'"model": "gpt-4o", "stream": true, "messages": [{"content": "a' + lone_surrogate + b'"}]}'
+    obj = json.loads(body)
+    out = meter.with_include_usage(body, obj)
     assert json.loads(out) == {**obj, "stream_options": {"include_usage": True}}
 
 
@@ -214,7 +226,7 @@ json_values = st.recursive(
 
 
 @given(
-    obj=st.dictionaries(st.text(max_size=8), json_values, max_size=5),
+    obj=st.dictionaries(st.text(max_size=8) | st.just("stream_options"), json_values, max_size=5),
     indent=st.sampled_from([None, 0, 2]),
     ascii_only=st.booleans(),
     lead=st.sampled_from(["", " ", "\n\t "]),
