@@ -164,7 +164,6 @@ class UsageMeter:
         self.max_sse_buffer = 16 * 1024 * 1024
         self.stopped = False  # done() ran: the writer is closed
         self._host_cache: dict[str, tuple[str, bool]] = {}
-        self._key_cache: dict[str, tuple[str, str]] = {}  # credential -> (key_id, key_hint)
         self._day_cache: tuple[int, str] = (-1, "")  # (quarter hour since the epoch, local day)
 
     # -- options -----------------------------------------------------------
@@ -344,7 +343,7 @@ class UsageMeter:
         elif "multipart/form-data" in content_type:
             facts = _scan_multipart(raw)
         key = meter.credential(headers)
-        key_id, key_hint = self._key_names(key) if key else (None, None)
+        key_id, key_hint = meter.key_names(key) if key else (None, None)
         # An addon that rewrites credentials (issued keys) says whose call it is.
         identity = flow.metadata.get("usage_identity")
         call = Call(
@@ -385,15 +384,6 @@ class UsageMeter:
                 req.headers["accept-encoding"] = "identity"
                 call.extra["injected_usage"] = True
         return call
-
-    def _key_names(self, key: str) -> tuple[str, str]:
-        names = self._key_cache.get(key)
-        if names is None:
-            names = (meter.key_id(key), meter.key_hint(key))
-            if len(self._key_cache) >= 1024:
-                self._key_cache.clear()
-            self._key_cache[key] = names
-        return names
 
     def _local_day(self, started: datetime) -> str:
         # Days change on quarter hours in every time zone: one computation

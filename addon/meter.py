@@ -391,6 +391,12 @@ def key_id(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
+@lru_cache(maxsize=1024)
+def key_names(key: str) -> tuple[str, str]:
+    """(key_id, key_hint) of a credential; memoized, as every request needs them."""
+    return key_id(key), key_hint(key)
+
+
 def key_hint(key: str) -> str:
     """`sk-…` plus the last 4 characters; nothing more of the key."""
     if len(key) < 12:
