@@ -423,7 +423,7 @@ class UsageMeter:
             error = body_facts.error or f"HTTP {response.status_code}"
             self._emit(call, flow, "error", facts=body_facts, error=error)
             return
-        if body_facts.usage is None and call.endpoint.name in USAGE_ENDPOINTS:
+        if body_facts.usage is None and not body_facts.data_items and call.endpoint.name in USAGE_ENDPOINTS:
             queued = body_facts.status in ("queued", "in_progress")
             self._emit(call, flow, "ok" if queued else "no_usage", facts=body_facts,
                        error=None if queued else body_facts.error or "response carried no usage")
@@ -512,6 +512,11 @@ class UsageMeter:
             "error": error[:500] if error else None,
             "response_id": response_id,
         }
+        if outcome == "ok":
+            usage = meter.complete_usage(call.endpoint.name, usage, call.request, facts)
+        row["processing"] = meter.processing_of(row["service_tier"])
+        if call.request.image_size or call.request.image_quality:
+            row["image_size"], row["image_quality"] = call.request.image_size, call.request.image_quality
         if usage is not None:
             row.update(usage.as_columns())
         for listener in self.listeners:
@@ -561,7 +566,7 @@ def _scan_request(body: bytes) -> meter.RequestFacts:
     return facts
 
 
-_FORM_FIELD = re.compile(rb'name="(model|stream)"\r?\n(?:[^\r\n]+\r?\n)*\r?\n([^\r\n]{0,200})')
+_FORM_FIELD = re.compile(rb'name="(model|stream|size|quality)"\r?\n(?:[^\r\n]+\r?\n)*\r?\n([^\r\n]{0,200})')
 
 
 def _scan_multipart(body: bytes) -> meter.RequestFacts:
@@ -572,4 +577,6 @@ def _scan_multipart(body: bytes) -> meter.RequestFacts:
             facts.model = text or None
         elif name == b"stream":
             facts.stream = text.lower() == "true"
+        else:  # images edits/variations: size and quality
+            setattr(facts, f"image_{name.decode()}", text[:40] or None)
     return facts

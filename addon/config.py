@@ -42,13 +42,53 @@ class KeyRule:
     limits: dict[str, int] = field(default_factory=dict)  # pool -> tokens per window
 
 
+# Components an override can price, and their unit.
+PRICE_COMPONENTS: dict[str, str] = {
+    "input": "USD per million input tokens (text, not cached)",
+    "cached_input": "USD per million cached input tokens (default: the input price)",
+    "cache_write": "USD per million cache-write tokens",
+    "output": "USD per million output tokens (text, reasoning included)",
+    "audio_input": "USD per million audio input tokens",
+    "cached_audio_input": "USD per million cached audio input tokens",
+    "audio_output": "USD per million audio output tokens",
+    "image_input": "USD per million image input tokens",
+    "image_output": "USD per million image output tokens",
+    "characters": "USD per million characters (TTS)",
+    "minute": "USD per minute of audio (duration-billed transcription)",
+    "image": "USD per image (per-image models)",
+    "web_search": "USD per 1,000 web_search calls",
+    "file_search": "USD per 1,000 file_search calls",
+    "code_interpreter": "USD per Code Interpreter container",
+    "image_generation": "USD per 1,000 image_generation calls",
+}
+_TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per million tokens."""
+    """A `[prices."pattern"]` override: any of PRICE_COMPONENTS, plus rates per
+    service tier (or `batch`) in sub-tables such as `[prices."gpt-5".priority]`."""
 
-    input: float
-    output: float
+    input: float | None = None
+    output: float | None = None
     cached_input: float | None = None
+    cache_write: float | None = None
+    audio_input: float | None = None
+    cached_audio_input: float | None = None
+    audio_output: float | None = None
+    image_input: float | None = None
+    image_output: float | None = None
+    characters: float | None = None
+    minute: float | None = None
+    image: float | None = None
+    web_search: float | None = None
+    file_search: float | None = None
+    code_interpreter: float | None = None
+    image_generation: float | None = None
+    tiers: dict[str, Price] = field(default_factory=dict)
+
+    def components(self) -> dict[str, float]:
+        return {name: value for name in PRICE_COMPONENTS if (value := getattr(self, name)) is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,20 +297,28 @@ class _Validator:
                 raise self.fail(f"keys.{key_id}.limits.{pool} must be a whole number >= 0", "keys", key_id, "limits")
         return KeyRule(key_id, label, dict(limits))
 
-    def price(self, model: str, body: Any) -> Price:
-        if not isinstance(body, dict) or not {"input", "output"} <= set(body):
-            raise self.fail(f"prices.{model!r} needs input and output (USD per million tokens)", "prices", model)
-        values = {}
-        for name in ("input", "output", "cached_input"):
-            if name in body:
-                value = body[name]
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                    raise self.fail(f"prices.{model!r}.{name} must be a number >= 0", "prices", model, name)
-                values[name] = float(value)
-        unknown = set(body) - {"input", "output", "cached_input"}
-        if unknown:
-            raise self.fail(f"unknown setting {sorted(unknown)[0]!r} in prices.{model!r}", "prices", model)
-        return Price(**values)
+    def price(self, model: str, body: Any, tier: str | None = None) -> Price:
+        where = f"prices.{model!r}" + (f".{tier}" if tier else "")
+        keys = ("prices", model, tier) if tier else ("prices", model)
+        if not isinstance(body, dict):
+            raise self.fail(f"{where} must be a table of prices", *keys)
+        values: dict[str, Any] = {}
+        tiers: dict[str, Price] = {}
+        for name, value in body.items():
+            if isinstance(value, dict) and tier is None:
+                if not _TIER_NAME.match(name):
+                    raise self.fail(f"{where}.{name}: not a service tier name (flex, priority, batch, ...)", *keys)
+                tiers[name] = self.price(model, value, name)
+                continue
+            if name not in PRICE_COMPONENTS:
+                known = ", ".join(PRICE_COMPONENTS)
+                raise self.fail(f"unknown setting {name!r} in {where} (known: {known}; tables for tiers)", *keys)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise self.fail(f"{where}.{name} must be a number >= 0 ({PRICE_COMPONENTS[name]})", *keys, name)
+            values[name] = float(value)
+        if not values and not tiers:
+            raise self.fail(f"{where} sets no price (e.g. input and output, USD per million tokens)", *keys)
+        return Price(**values, tiers=tiers)
 
 
 def _table_header(keys: tuple[str, ...]) -> re.Pattern[str]:

@@ -76,6 +76,17 @@ class Usage:
     reasoning_tokens: int | None = None
     total_tokens: int | None = None
     seconds: float | None = None  # audio billed by duration (whisper-1)
+    # Billed separately (parts of input / output, like cached and reasoning):
+    audio_input_tokens: int | None = None
+    audio_output_tokens: int | None = None
+    image_input_tokens: int | None = None
+    image_output_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    cached_audio_tokens: int | None = None  # part of cached_tokens and of audio_input_tokens (Realtime)
+    reported_total_tokens: int | None = None  # OpenAI's own total_tokens, as sent
+    characters: int | None = None  # TTS input characters (tts-1, tts-1-hd)
+    images: int | None = None  # images returned by per-image models (DALL-E)
+    tool_calls: dict[str, int] | None = None  # hosted tool type -> calls (Responses output items)
 
     def as_columns(self) -> dict[str, Any]:
         return {
@@ -85,6 +96,16 @@ class Usage:
             "reasoning_tokens": self.reasoning_tokens,
             "total_tokens": self.total_tokens,
             "audio_seconds": self.seconds,
+            "audio_input_tokens": self.audio_input_tokens,
+            "audio_output_tokens": self.audio_output_tokens,
+            "image_input_tokens": self.image_input_tokens,
+            "image_output_tokens": self.image_output_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "cached_audio_tokens": self.cached_audio_tokens,
+            "reported_total_tokens": self.reported_total_tokens,
+            "characters": self.characters,
+            "images": self.images,
+            "tool_calls": json.dumps(self.tool_calls, sort_keys=True) if self.tool_calls else None,
         }
 
 
@@ -103,46 +124,122 @@ def _dict(value: Any) -> dict:
 
 
 def parse_usage(usage: Any) -> Usage | None:
-    """Normalise any OpenAI `usage` object to input/cached/output/reasoning.
+    """Normalise any OpenAI `usage` object to input/cached/output/reasoning
+    plus the parts billed at their own rates (audio, image, cache writes).
 
     Follows OpenAI's rule: cached is part of input, reasoning part of output,
-    total = input + output.
+    total = input + output; OpenAI's own total is kept as reported_total_tokens.
+    Shapes: Chat Completions (`prompt_tokens_details`), Responses and image
+    models (`input_tokens_details`), Realtime and transcriptions
+    (`input_token_details`), whisper-1 (`type: duration`: no tokens at all).
     """
     if not isinstance(usage, dict):
         return None
     if usage.get("type") == "duration":
         seconds = usage.get("seconds")
         if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-            return Usage(seconds=float(seconds), total_tokens=0, input_tokens=0, output_tokens=0)
+            return Usage(seconds=float(seconds))
         return None
     if "prompt_tokens" in usage or "completion_tokens" in usage:
         input_tokens = _int(usage.get("prompt_tokens"))
         output_tokens = _int(usage.get("completion_tokens"))
-        cached = _int(_dict(usage.get("prompt_tokens_details")).get("cached_tokens"))
-        reasoning = _int(_dict(usage.get("completion_tokens_details")).get("reasoning_tokens"))
+        details = _dict(usage.get("prompt_tokens_details"))
+        out_details = _dict(usage.get("completion_tokens_details"))
     elif "input_tokens" in usage or "output_tokens" in usage:
         input_tokens = _int(usage.get("input_tokens"))
         output_tokens = _int(usage.get("output_tokens"))
         details = _dict(usage.get("input_tokens_details") or usage.get("input_token_details"))
-        cached = _int(details.get("cached_tokens"))
-        reasoning = _int(_dict(usage.get("output_tokens_details")).get("reasoning_tokens"))
+        out_details = _dict(usage.get("output_tokens_details") or usage.get("output_token_details"))
     else:
         return None
     if input_tokens is None and output_tokens is None:
         return None
-    if output_tokens is None and "total_tokens" in usage and input_tokens is not None:
+    reported_total = _int(usage.get("total_tokens"))
+    if output_tokens is None and reported_total is not None and input_tokens is not None:
         # Embeddings: only prompt_tokens and total_tokens.
-        total = _int(usage.get("total_tokens"))
-        output_tokens = max(total - input_tokens, 0) if total is not None else 0
+        output_tokens = max(reported_total - input_tokens, 0)
     input_tokens = input_tokens or 0
     output_tokens = output_tokens or 0
+    cached_details = _dict(details.get("cached_tokens_details"))
     return Usage(
         input_tokens=input_tokens,
-        cached_tokens=cached or 0,
+        cached_tokens=_int(details.get("cached_tokens")) or 0,
         output_tokens=output_tokens,
-        reasoning_tokens=reasoning or 0,
+        reasoning_tokens=_int(out_details.get("reasoning_tokens")) or 0,
         total_tokens=input_tokens + output_tokens,
+        audio_input_tokens=_int(details.get("audio_tokens")),
+        audio_output_tokens=_int(out_details.get("audio_tokens")),
+        image_input_tokens=_int(details.get("image_tokens")),
+        image_output_tokens=_int(out_details.get("image_tokens")),
+        cache_write_tokens=_int(details.get("cache_write_tokens")),
+        cached_audio_tokens=_int(cached_details.get("audio_tokens")),
+        reported_total_tokens=reported_total,
     )
+
+
+# Service tiers billed at the standard rate.
+STANDARD_TIERS = frozenset({"default", "auto", "standard"})
+
+
+def processing_of(service_tier: str | None) -> str:
+    """The `processing` column of a live call: `standard` or the tier billed
+    (the tier answered, else the one asked). Batch rows say `batch`."""
+    if not service_tier or service_tier.lower() in STANDARD_TIERS:
+        return "standard"
+    return service_tier.lower()[:40]
+
+
+# Responses API output items of hosted tools, billed per call on top of tokens.
+BILLED_TOOL_ITEMS = {
+    "web_search_call": "web_search",
+    "file_search_call": "file_search",
+    "code_interpreter_call": "code_interpreter",
+    "image_generation_call": "image_generation",
+}
+
+
+def tool_calls_of(output: Any) -> dict[str, int] | None:
+    """Hosted tool calls among a Responses object's `output` items.
+
+    Code Interpreter is billed per container, not per call: the distinct
+    containers are counted under `container`.
+    """
+    if not isinstance(output, list):
+        return None
+    calls: dict[str, int] = {}
+    containers: set[str] = set()
+    for item in output:
+        if not isinstance(item, dict):
+            continue
+        tool = BILLED_TOOL_ITEMS.get(item.get("type"))  # type: ignore[arg-type]
+        if tool is None:
+            continue
+        calls[tool] = calls.get(tool, 0) + 1
+        if tool == "code_interpreter":
+            container = item.get("container_id")
+            containers.add(container if isinstance(container, str) else f"call-{len(containers)}")
+    if containers:
+        calls["container"] = len(containers)
+    return calls or None
+
+
+def complete_usage(endpoint: str, usage: Usage | None, request: RequestFacts, facts: Any) -> Usage | None:
+    """Add what an endpoint bills that its usage object does not say.
+
+    TTS (`audio.speech`) answers audio bytes: tts-1 bills the characters of the
+    request's input. DALL-E answers no usage: it bills per image. GPT image
+    models report output tokens without details: all of them are image tokens.
+    """
+    if endpoint == "audio.speech" and request.characters is not None:
+        usage = usage or Usage()
+        usage.characters = request.characters
+    elif endpoint.startswith("images."):
+        returned = getattr(facts, "data_items", None)
+        if usage is None and returned:
+            usage = Usage(images=returned)
+        elif usage is not None and usage.output_tokens and usage.image_output_tokens is None:
+            usage.image_output_tokens = usage.output_tokens
+    return usage
 
 
 @dataclass(slots=True)
@@ -155,6 +252,7 @@ class BodyFacts:
     status: str | None = None  # Responses API object status
     service_tier: str | None = None
     error: str | None = None
+    data_items: int | None = None  # images returned (`data` of an images answer)
 
 
 TERMINAL_RESPONSE_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
@@ -172,6 +270,11 @@ def facts_from_body(obj: Any) -> BodyFacts:
     # A Responses object nested in an event or a plain Responses/Chat object.
     target = obj.get("response") if isinstance(obj.get("response"), dict) else obj
     facts.usage = parse_usage(target.get("usage"))
+    if facts.usage is not None:
+        facts.usage.tool_calls = tool_calls_of(target.get("output"))
+    data = target.get("data")
+    if isinstance(data, list) and "created" in target:
+        facts.data_items = len(data)
     model = target.get("model")
     facts.model = model if isinstance(model, str) else None
     rid = target.get("id")
@@ -213,6 +316,9 @@ class RequestFacts:
     service_tier: str | None = None
     input_chars: int = 0  # rough size of the prompt, for estimates
     json_ok: bool = False
+    characters: int | None = None  # TTS: characters of `input`
+    image_size: str | None = None  # images: `size` and `quality` asked (DALL-E bills per image by both)
+    image_quality: str | None = None
 
 
 def facts_from_request(obj: Any, body_size: int = 0) -> RequestFacts:
@@ -234,6 +340,13 @@ def facts_from_request(obj: Any, body_size: int = 0) -> RequestFacts:
             break
     tier = obj.get("service_tier")
     facts.service_tier = tier if isinstance(tier, str) else None
+    text = obj.get("input")
+    if isinstance(text, str) and "voice" in obj:  # audio.speech
+        facts.characters = len(text)
+    for name in ("size", "quality"):
+        value = obj.get(name)
+        if isinstance(value, str):
+            setattr(facts, f"image_{name}", value[:40])
     return facts
 
 

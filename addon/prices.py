@@ -1,38 +1,72 @@
-"""What each call cost, in USD: `cost_usd` of every row in `requests`.
+"""What each call cost, in USD: `cost_usd` and `cost_status` of every row.
 
-Prices come from genai-prices (a snapshot bundled with the package, so it
-works offline), or from `[prices."model"]` in the config file, which wins.
-Cached input is priced as cached input, reasoning tokens as output (they are
-part of it), and the `flex` / `priority` service tiers at their own rates
-where the price data has them. A model without a known price gets NULL, never
-a guessed 0, and one warning in the log.
+A row's cost is the sum of every component OpenAI bills separately: text
+input (uncached, cached, cache writes), audio and image input, text, audio
+and image output, hosted tool calls, TTS characters, images, audio minutes.
+Rates come from, in order of precedence:
+
+1. the config's `[prices."model"]` overrides, per component and per tier;
+2. genai-prices (a pinned snapshot bundled with the package: offline), with
+   its `service_tier` and batch variants;
+3. the dated, cited table in `price_table.py` for what genai-prices lacks.
+
+When a component the row used has no rate, `cost_usd` is NULL and
+`cost_status` is `unknown_price`, never a number that leaves it out.
+`free` is a real 0 (moderation), `no_usage` a row without usage.
 
 `Pricer` runs on the writer thread (`UsageMeter.prepare_rows`), so lookups
-never touch the event loop. `python -m addon reprice` recomputes every row
-after the prices or the overrides changed.
+never touch the event loop: rates are resolved once per model, tier and UTC
+day, then each row is a few multiplications. An error pricing one row is
+logged and leaves that row unpriced; it never disables a model.
+`python -m addon reprice` recomputes every row with the current rules.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from . import config as config_mod
+from . import price_table
 from .pools import match_score
 
 log = logging.getLogger(__name__)
 
-# Service tiers that genai-prices prices differently ("default"/"auto" use the standard price).
-PRICED_TIERS = frozenset({"flex", "priority"})
 MILLION = 1_000_000
+STANDARD_TIERS = frozenset({"default", "auto", "standard"})
+STATUSES = ("priced", "free", "unknown_price", "no_usage")
+
+# Override component -> genai-prices price key (our own keys for what it has none).
+COMPONENT_KEYS = {
+    "input": "input_mtok",
+    "cached_input": "cache_read_mtok",
+    "cache_write": "cache_write_mtok",
+    "output": "output_mtok",
+    "audio_input": "input_audio_mtok",
+    "cached_audio_input": "cache_audio_read_mtok",
+    "audio_output": "output_audio_mtok",
+    "image_input": "input_image_mtok",
+    "image_output": "output_image_mtok",
+    "characters": "input_mchars",
+    "minute": "audio_hours",  # converted: per minute -> per hour
+    "image": "image_each",
+    "web_search": "web_searches_kcount",
+    "file_search": "storage_searches_kcount",
+    "code_interpreter": "container_each",
+    "image_generation": "image_generation_kcount",
+}
+TOOL_KEYS = {"web_search": "web_searches_kcount", "file_search": "storage_searches_kcount",
+             "container": "container_each", "image_generation": "image_generation_kcount"}
 
 
-def _override_for(model: str, prices: dict[str, config_mod.Price]) -> config_mod.Price | None:
-    """The config's price for a model: exact name, dated snapshot or glob, most specific first."""
+def _override_for(model: str, prices: dict[str, Any]) -> Any:
+    """The most specific entry for a model: exact name, dated snapshot or glob."""
     best, best_score = None, 0
     for pattern, price in prices.items():
         score = match_score(model, pattern)
@@ -45,8 +79,11 @@ def _int(value: Any) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
+USAGE_COLUMNS = ("input_tokens", "output_tokens", "audio_seconds", "characters", "images")
+
+
 def _has_usage(row: dict[str, Any]) -> bool:
-    return any(row.get(column) is not None for column in ("input_tokens", "output_tokens", "audio_seconds"))
+    return any(row.get(column) is not None for column in USAGE_COLUMNS)
 
 
 def _timestamp(ts: Any) -> datetime | None:
@@ -58,14 +95,53 @@ def _timestamp(ts: Any) -> datetime | None:
         return None
 
 
+def billed_tier(row: dict[str, Any]) -> tuple[str | None, bool]:
+    """(service tier priced, batch?) of a row: `processing` first, else `service_tier`."""
+    processing = row.get("processing")
+    if processing == "batch":
+        return None, True
+    tier = processing if processing and processing != "standard" else row.get("service_tier")
+    if not isinstance(tier, str) or tier.lower() in STANDARD_TIERS:
+        return None, False
+    return tier.lower(), False
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Resolved prices of one model for one tier and day: price key -> value."""
+
+    values: dict[str, Any]
+    free: bool = False
+    problem: str | None = None  # why the row cannot be priced at all (unknown model or tier)
+
+    def get(self, key: str) -> Any:
+        return self.values.get(key)
+
+
+def _tiered(price: Any, total_input: int) -> Decimal:
+    """A flat price, or genai-prices' TieredPrices: the whole usage at the rate
+    of the highest tier its input tokens exceed."""
+    base = getattr(price, "base", None)
+    if base is None:
+        return price
+    for tier in reversed(price.tiers):
+        if total_input > tier.start:
+            return tier.price
+    return base
+
+
+class Unpriced(Exception):
+    """A component the row used has no known rate."""
+
+
 class Pricer:
-    """Callable over a batch of rows: sets `cost_usd` on each one that has usage."""
+    """Callable over a batch of rows: sets `cost_usd` and `cost_status` on each."""
 
     def __init__(self, prices: dict[str, config_mod.Price] | None = None, provider: str = "openai") -> None:
         self.overrides = dict(prices or {})
         self.provider = provider
-        self._unknown: set[str] = set()
-        self._rates: dict[tuple[Any, ...], tuple[Decimal, Decimal, Decimal] | None] = {}
+        self._warned: set[tuple[str, str]] = set()
+        self._rates: dict[tuple[Any, ...], Rates] = {}
         self._lock = threading.Lock()  # reprice and the writer may share one Pricer in tests
 
     @classmethod
@@ -74,130 +150,256 @@ class Pricer:
 
     def __call__(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            row["cost_usd"] = self.cost(row)
+            row["cost_usd"], row["cost_status"] = self.quote(row)
 
     def cost(self, row: dict[str, Any]) -> float | None:
-        """USD for one row, or None when it has no usage or the model's price is unknown."""
+        """USD for one row, or None when it has no usage or a price is unknown."""
+        return self.quote(row)[0]
+
+    def quote(self, row: dict[str, Any]) -> tuple[float | None, str]:
+        """(cost_usd, cost_status) of one row. Never raises."""
         model = row.get("model")
-        if not model or not _has_usage(row):
-            return None
+        outcome = row.get("outcome")
+        if not model or not isinstance(model, str):
+            return None, "no_usage" if not _has_usage(row) else "unknown_price"
+        try:
+            tier, batch = billed_tier(row)
+            when = _timestamp(row.get("ts")) or datetime.now(UTC)
+            rates = self.rates(model, tier, batch, when)
+            if rates.free and outcome in (None, "ok"):
+                return 0.0, "free"
+            if not _has_usage(row):
+                return None, "no_usage"
+            if rates.problem:
+                self._warn(model, rates.problem)
+                return None, "unknown_price"
+            return round(float(self._sum(rates, row)), 10), "priced"
+        except Unpriced as exc:
+            self._warn(model, str(exc))
+            return None, "unknown_price"
+        except Exception as exc:  # odd usage or price data: this row only
+            self._warn(model, f"pricing failed ({type(exc).__name__}: {exc})")
+            return None, "unknown_price"
+
+    # -- rates -------------------------------------------------------------------
+    def rates(self, model: str, tier: str | None, batch: bool, when: datetime) -> Rates:
+        key = (model, tier, batch, when.astimezone(UTC).date())
+        found = self._rates.get(key)
+        if found is None:
+            found = self._resolve(model, tier, batch, when)
+            with self._lock:
+                if len(self._rates) > 10_000:
+                    self._rates.clear()
+                self._rates[key] = found
+        return found
+
+    def _resolve(self, model: str, tier: str | None, batch: bool, when: datetime) -> Rates:
+        supplement = [e for e in price_table.ENTRIES if match_score(model, e.pattern)]
+        supplement.sort(key=lambda e: match_score(model, e.pattern))
+        values: dict[str, Any] = {}
+        for entry in supplement:
+            values.update(entry.rates)
+        info = self._catalogue_model(model)
+        known = info is not None or bool(supplement and any(e.pattern != "*" for e in supplement))
+        catalogue_free = False
+        tier_rates: dict[str, Any] = {}
+        tier_known = tier is None
+        batch_rates: dict[str, Any] = {}
+        if info is not None:
+            standard = {k: v for k, v in vars(info.get_prices(when)).items() if v is not None}
+            catalogue_free = not standard
+            values.update(standard)
+            for variant in info.price_variants or ():
+                if variant.constraint is not None and not variant.constraint.active(when):
+                    continue
+                overrides = {k: v for k, v in vars(variant.prices).items() if v is not None}
+                if tier is not None and variant.when == {"service_tier": tier}:
+                    tier_known = True
+                    tier_rates.update(overrides)
+                if batch and variant.when == {"processing": "batch"}:
+                    batch_rates.update(overrides)
         override = _override_for(model, self.overrides)
-        # Overrides are per token; a duration-billed row (whisper-1) keeps the catalogue price.
-        has_tokens = row.get("input_tokens") is not None or row.get("output_tokens") is not None
-        if override is not None and has_tokens:
-            return self._override_cost(row, override)
-        return self._catalogue_cost(model, row)
+        if override is not None:
+            known = True
+            values.update(_price_keys(override))
+        free = (catalogue_free or any(e.free for e in supplement)) and override is None
+        if batch:
+            if override is not None and "batch" in override.tiers:
+                batch_rates.update(_price_keys(override.tiers["batch"]))
+            if batch_rates:
+                values.update(batch_rates)
+            else:  # OpenAI's Batch API rule: half the standard price of inputs and outputs
+                values = {k: (_scaled(v, price_table.BATCH_DISCOUNT) if k.endswith("_mtok") else v)
+                          for k, v in values.items()}
+        if tier is not None:
+            if override is not None and tier in override.tiers:
+                tier_known = True
+                tier_rates.update(_price_keys(override.tiers[tier]))
+            values.update(tier_rates)
+        problem = None
+        if not known and not free:
+            problem = "no price known"
+        elif not tier_known:
+            problem = f"no price known for service tier {tier!r}"
+        return Rates(values, free=free, problem=problem)
 
-    @staticmethod
-    def _override_cost(row: dict[str, Any], price: config_mod.Price) -> float:
-        input_tokens = _int(row.get("input_tokens"))
-        cached = min(_int(row.get("cached_tokens")), input_tokens)
-        output = _int(row.get("output_tokens"))  # includes reasoning
-        cached_rate = price.cached_input if price.cached_input is not None else price.input
-        usd = ((input_tokens - cached) * price.input + cached * cached_rate + output * price.output) / MILLION
-        return round(usd, 10)
-
-    def _catalogue_cost(self, model: str, row: dict[str, Any]) -> float | None:
-        from genai_prices import Usage, calc_price
-
-        if model in self._unknown:
-            return None
-        values: dict[str, int | float] = {}
-        if row.get("input_tokens") is not None:
-            values["input_tokens"] = _int(row["input_tokens"])
-            values["cache_read_tokens"] = min(_int(row.get("cached_tokens")), values["input_tokens"])
-        if row.get("output_tokens") is not None:
-            values["output_tokens"] = _int(row["output_tokens"])
-        if row.get("audio_seconds") is not None and not values:
-            values["audio_seconds"] = float(row["audio_seconds"])
-        tier = row.get("service_tier")
-        tier = tier if tier in PRICED_TIERS else None
-        when = _timestamp(row.get("ts")) or datetime.now(UTC)
-        if "audio_seconds" not in values:
-            rates = self._linear_rates(model, tier, when)
-            if rates is not None:
-                return self._linear_cost(rates, values)
-        try:
-            result = calc_price(
-                Usage(**values),
-                model,
-                provider_id=self.provider,
-                genai_request_timestamp=when,
-                price_context={"service_tier": tier} if tier else None,
-            )
-        except LookupError:
-            self._warn_unknown(model)
-            return None
-        except Exception as exc:  # a usage shape the price data cannot price
-            self._warn_unknown(model, f"{type(exc).__name__}: {exc}")
-            return None
-        return round(float(result.total_price), 10)
-
-    # genai-prices prices a row in ~100 us (a general unit registry): too much
-    # for every row of a busy proxy. Most models' prices are constant per
-    # token, so the cost is linear in (uncached input, cached input, output):
-    # the rates are read once per model, tier and UTC day (prices change at
-    # a start date), by pricing probe usages, and checked against one more
-    # probe. Tiered prices and other time conditions keep the full calculation.
-    @staticmethod
-    def _linear_cost(rates: tuple[Decimal, Decimal, Decimal], values: dict[str, int | float]) -> float:
-        input_tokens = int(values.get("input_tokens", 0))
-        cached = int(values.get("cache_read_tokens", 0))
-        usd = ((input_tokens - cached) * rates[0] + cached * rates[1] + int(values.get("output_tokens", 0)) * rates[2])
-        return round(float(usd / MILLION), 10)
-
-    def _linear_rates(self, model: str, tier: str | None, when: datetime) -> tuple[Decimal, Decimal, Decimal] | None:
-        key = (model, tier, when.astimezone(UTC).date())
-        try:
-            return self._rates[key]
-        except KeyError:
-            pass
-        try:
-            rates = self._probe_rates(model, tier, when)
-        except Exception:  # unknown model, odd price data: the full calculation decides
-            rates = None
-        self._rates[key] = rates
-        return rates
-
-    def _probe_rates(self, model: str, tier: str | None, when: datetime) -> tuple[Decimal, Decimal, Decimal] | None:
-        from genai_prices import Usage, calc_price, types
+    def _catalogue_model(self, model: str) -> Any:
         from genai_prices.data_snapshot import get_snapshot
 
-        _, info = get_snapshot().find_provider_model(model, None, self.provider, None)
-        constraints = [getattr(conditional, "constraint", None) for conditional in
-                       ([] if isinstance(info.prices, types.ModelPrice) else info.prices)]
-        constraints += [variant.constraint for variant in info.price_variants or ()]
-        if any(c is not None and not isinstance(c, types.StartDateConstraint) for c in constraints):
-            return None  # prices that change within a day
-        context = {"service_tier": tier} if tier else None
-        resolved = info.get_prices(when, context)
-        if any(isinstance(value, types.TieredPrices) for value in vars(resolved).values()):
+        try:
+            _, info = get_snapshot().find_provider_model(model, None, self.provider, None)
+        except LookupError:
             return None
+        return info
 
-        def price(input_tokens: int, cached: int, output: int) -> Decimal:
-            usage = Usage(input_tokens=input_tokens, cache_read_tokens=cached, output_tokens=output)
-            return calc_price(usage, model, provider_id=self.provider, genai_request_timestamp=when,
-                              price_context=context).total_price
+    # -- the sum ----------------------------------------------------------------
+    @staticmethod
+    def _sum(rates: Rates, row: dict[str, Any]) -> Decimal:
+        input_tokens = _int(row.get("input_tokens"))
+        output_tokens = _int(row.get("output_tokens"))
+        cached = _int(row.get("cached_tokens"))
+        cached_audio = _int(row.get("cached_audio_tokens"))
+        audio_in = _int(row.get("audio_input_tokens"))
+        image_in = _int(row.get("image_input_tokens"))
+        cache_write = _int(row.get("cache_write_tokens"))
+        audio_out = _int(row.get("audio_output_tokens"))
+        image_out = _int(row.get("image_output_tokens"))
+        text_in = input_tokens - cached - (audio_in - cached_audio) - image_in - cache_write
+        text_out = output_tokens - audio_out - image_out
+        if min(text_in, text_out, cached - cached_audio, audio_in - cached_audio) < 0:
+            raise Unpriced(f"usage parts exceed their totals (input {input_tokens}, cached {cached}, "
+                           f"audio {audio_in}, image {image_in}, cache writes {cache_write}; output {output_tokens}, "
+                           f"audio {audio_out}, image {image_out})")
+        image_aware = any("image" in key for key in rates.values)
+        total = Decimal(0)
 
-        rates = (price(MILLION, 0, 0), price(MILLION, MILLION, 0), price(0, 0, MILLION))
-        probe = (123_457, 45_678, 9_876)
-        expected = ((probe[0] - probe[1]) * rates[0] + probe[1] * rates[1] + probe[2] * rates[2]) / MILLION
-        if abs(price(*probe) - expected) > Decimal("1e-15"):
-            return None
-        return rates
-
-    def _warn_unknown(self, model: str, why: str = "no price known") -> None:
-        with self._lock:
-            if model in self._unknown:
+        def add(count: int | float, keys: tuple[str, ...], per: int, what: str) -> None:
+            nonlocal total
+            if not count:
                 return
-            self._unknown.add(model)
+            for key in keys:
+                price = rates.get(key)
+                if price is not None and not isinstance(price, dict):
+                    total += _tiered(price, input_tokens) * Decimal(str(count)) / per
+                    return
+            raise Unpriced(f"no price known for {what}")
+
+        add(text_in, ("input_mtok",), MILLION, "input tokens")
+        add(cached - cached_audio, ("cache_read_mtok", "input_mtok"), MILLION, "cached input tokens")
+        add(cache_write, ("cache_write_mtok",), MILLION, "cache-write tokens")
+        add(audio_in - cached_audio, ("input_audio_mtok",), MILLION, "audio input tokens")
+        add(cached_audio, ("cache_audio_read_mtok",), MILLION, "cached audio input tokens")
+        add(image_in, ("input_image_mtok",), MILLION, "image input tokens")
+        add(text_out, ("output_mtok",), MILLION, "output tokens")
+        add(audio_out, ("output_audio_mtok",), MILLION, "audio output tokens")
+        # Image models without a separate image output rate bill image output as output.
+        add(image_out, ("output_image_mtok", "output_mtok") if image_aware else ("output_image_mtok",), MILLION,
+            "image output tokens")
+        tools = row.get("tool_calls")
+        if tools:
+            calls = json.loads(tools) if isinstance(tools, str) else tools
+            for tool, count in sorted(calls.items()):
+                if tool in TOOL_KEYS:
+                    per = 1 if tool == "container" else 1000
+                    add(_int(count), (TOOL_KEYS[tool],), per, f"{tool} calls")
+        if row.get("input_tokens") is None and row.get("output_tokens") is None:
+            # Billed by something else than tokens.
+            seconds = row.get("audio_seconds")
+            if seconds is not None:
+                add(float(seconds), ("audio_hours", "input_audio_hours"), 3600, "audio seconds")
+            add(_int(row.get("characters")), ("input_mchars",), MILLION, "characters")
+            images = _int(row.get("images"))
+            if images:
+                total += images * _image_price(rates, row)
+        return total
+
+    def _warn(self, model: str, why: str) -> None:
+        with self._lock:
+            if (model, why) in self._warned or len(self._warned) > 1000:
+                return
+            self._warned.add((model, why))
         log.warning(
-            "usage: %s for model %r; its cost_usd stays NULL. Add [prices.%r] with input/output "
-            "(USD per million tokens) to the config and run `python -m addon reprice`.",
-            why,
-            model,
-            model,
+            "usage: %s for model %r; its cost_usd stays NULL (cost_status unknown_price). Add [prices.%r] "
+            "(see README, Costs) to the config and run `python -m addon reprice`.",
+            why, model, model,
         )
+
+
+def _scaled(value: Any, factor: Decimal) -> Any:
+    base = getattr(value, "base", None)
+    if base is None:
+        return value * factor
+    from genai_prices import types
+
+    return types.TieredPrices(base * factor, [types.Tier(t.start, t.price * factor) for t in value.tiers])
+
+
+def _price_keys(price: config_mod.Price) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in price.components().items():
+        amount = Decimal(str(value))
+        out[COMPONENT_KEYS[name]] = amount * 60 if name == "minute" else amount
+    return out
+
+
+def _image_price(rates: Rates, row: dict[str, Any]) -> Decimal:
+    table = rates.get("image_each")
+    if isinstance(table, Decimal):
+        return table
+    if not isinstance(table, dict):
+        raise Unpriced("no price known for images")
+    entry = next((e for e in price_table.DALL_E if match_score(str(row.get("model")), e.pattern)), None)
+    defaults = entry.extra if entry else {}
+    size = row.get("image_size") or defaults.get("default_size", "1024x1024")
+    quality = row.get("image_quality") or defaults.get("default_quality", "standard")
+    if quality in ("auto",):
+        quality = defaults.get("default_quality", "standard")
+    price = table.get(f"{size}/{quality}") or table.get(f"{size}/standard")
+    if price is None:
+        raise Unpriced(f"no price known for images of size {size!r}, quality {quality!r}")
+    return price
+
+
+def shadowed_snapshots(overrides: dict[str, config_mod.Price], provider: str = "openai") -> list[str]:
+    """Warnings for override patterns that also cover names the catalogue prices
+    differently (`[prices."gpt-4o"]` covers `gpt-4o-2024-05-13`, priced on its own)."""
+    from genai_prices.data_snapshot import get_snapshot
+
+    names: dict[str, Any] = {}
+    for prov in get_snapshot().providers:
+        if prov.id != provider:
+            continue
+        for info in prov.models:
+            for name in _clause_names(info.match):
+                names.setdefault(name, info)
+    now = datetime.now(UTC)
+    messages = []
+    for pattern in overrides:
+        own = Pricer()._catalogue_model(pattern) if "*" not in pattern else None
+        own_prices = str(own.get_prices(now)) if own is not None else None
+        covered = []
+        for name, info in sorted(names.items()):
+            if name == pattern or not match_score(name, pattern) or _override_for(name, overrides) is not \
+                    overrides[pattern]:
+                continue
+            theirs = str(info.get_prices(now))
+            if own is None or (info.id != own.id and theirs != own_prices):
+                covered.append(f"{name} ({theirs or 'free'})")
+        if covered:
+            messages.append(
+                f"usage: [prices.{pattern!r}] also covers {', '.join(covered[:8])}"
+                f"{' and more' if len(covered) > 8 else ''}, which the catalogue prices differently; "
+                f"the override wins for them too. Add an exact [prices.\"NAME\"] to keep the catalogue's price.")
+    return messages
+
+
+def _clause_names(clause: Any) -> list[str]:
+    if hasattr(clause, "equals"):
+        return [clause.equals]
+    for attr in ("or_", "and_"):
+        if hasattr(clause, attr):
+            return [n for sub in getattr(clause, attr) for n in _clause_names(sub)]
+    return []
 
 
 class Pricing:
@@ -211,6 +413,9 @@ class Pricing:
         if "usage_config" in updated or self.meter.prepare_rows is None:
             first = self.meter.prepare_rows is None
             self.meter.prepare_rows = Pricer.from_config(self.meter.config)
+            if self.meter.config is not None and self.meter.config.prices:
+                for message in shadowed_snapshots(self.meter.config.prices):
+                    log.warning(message)
             if first:
                 # Loading the price data takes ~0.5 s: do it now, off the event loop,
                 # rather than delay the writer's first batch.
@@ -226,13 +431,16 @@ def _warm_up() -> None:
 
 # -- python -m addon reprice ---------------------------------------------------
 
-PRICE_COLUMNS = ("id", "ts", "model", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
-                 "audio_seconds", "service_tier", "cost_usd")
+PRICE_COLUMNS = ("id", "ts", "model", "outcome", "endpoint", "input_tokens", "cached_tokens", "output_tokens",
+                 "reasoning_tokens", "audio_seconds", "service_tier", "processing", "audio_input_tokens",
+                 "audio_output_tokens", "image_input_tokens", "image_output_tokens", "cache_write_tokens",
+                 "cached_audio_tokens", "tool_calls", "characters", "images", "image_size", "image_quality",
+                 "cost_usd", "cost_status")
 
 
 def reprice(db, pricer: Pricer, *, batch: int = 2000) -> dict[str, int]:
-    """Recompute cost_usd of every row; returns counts of rows changed, priced and left unpriced."""
-    counts = {"rows": 0, "changed": 0, "priced": 0, "unpriced": 0}
+    """Recompute cost_usd and cost_status of every row; returns counts per outcome."""
+    counts = {"rows": 0, "changed": 0, "priced": 0, "unpriced": 0, "free": 0, "no_usage": 0}
     last_id = 0
     columns = ", ".join(f'"{c}"' for c in PRICE_COLUMNS)
     while True:
@@ -244,16 +452,13 @@ def reprice(db, pricer: Pricer, *, batch: int = 2000) -> dict[str, int]:
         updates = []
         for row in rows:
             counts["rows"] += 1
-            cost = pricer.cost(row)
-            if cost is not None:
-                counts["priced"] += 1
-            elif _has_usage(row):
-                counts["unpriced"] += 1
-            if cost != row["cost_usd"]:
-                updates.append((cost, row["id"]))
+            cost, status = pricer.quote(row)
+            counts["unpriced" if status == "unknown_price" else status] += 1
+            if cost != row["cost_usd"] or status != row["cost_status"]:
+                updates.append((cost, status, row["id"]))
         if updates:
             with db.conn:
-                db.conn.executemany("update requests set cost_usd = ? where id = ?", updates)
+                db.conn.executemany("update requests set cost_usd = ?, cost_status = ? where id = ?", updates)
             counts["changed"] += len(updates)
 
 
@@ -270,7 +475,8 @@ def _cmd_reprice(args: argparse.Namespace) -> int:
         db.conn.close()
     print(
         f"repriced {counts['rows']} rows in {args.db}: {counts['changed']} changed, "
-        f"{counts['priced']} priced, {counts['unpriced']} with usage but no known price (cost_usd NULL)"
+        f"{counts['priced']} priced, {counts['free']} free, {counts['no_usage']} without usage, "
+        f"{counts['unpriced']} with usage but no known price (cost_usd NULL)"
     )
     return 0
 
@@ -281,8 +487,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "reprice",
         help="recompute cost_usd of every recorded call",
-        description="Recompute cost_usd of every row in `requests` from the bundled genai-prices data and the "
-        "config's [prices] overrides, e.g. after changing an override or upgrading genai-prices.",
+        description="Recompute cost_usd and cost_status of every row in `requests` from the bundled genai-prices "
+        "data, the package's price table and the config's [prices] overrides, e.g. after changing an override or "
+        "upgrading genai-prices.",
     )
     add_common(parser)
     parser.set_defaults(func=_cmd_reprice)

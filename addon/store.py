@@ -61,6 +61,21 @@ REQUEST_COLUMNS: dict[str, type] = {
     "audio_seconds": float,  # whisper-1 bills by duration
     "label": str,  # who the key belongs to (config [keys] or issued keys)
     "requested_model": str,
+    # Second round (docs: README "Costs"): what OpenAI bills separately.
+    "audio_input_tokens": int,  # part of input_tokens
+    "audio_output_tokens": int,  # part of output_tokens
+    "image_input_tokens": int,  # part of input_tokens
+    "image_output_tokens": int,  # part of output_tokens
+    "cache_write_tokens": int,  # part of input_tokens
+    "cached_audio_tokens": int,  # part of cached_tokens and audio_input_tokens (Realtime)
+    "tool_calls": str,  # JSON object: hosted tool type -> calls
+    "characters": int,  # TTS input characters
+    "images": int,  # images of per-image models (DALL-E)
+    "image_size": str,  # images: size and quality asked (DALL-E prices depend on them)
+    "image_quality": str,
+    "processing": str,  # standard | batch | flex | priority | ... as billed
+    "reported_total_tokens": int,  # OpenAI's own total_tokens
+    "cost_status": str,  # priced | free | unknown_price | no_usage
 }
 
 REQUEST_INDEXES: list[tuple[str, ...]] = [

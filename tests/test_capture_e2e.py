@@ -140,7 +140,8 @@ def test_transcription_billed_by_duration(case):
     [row] = case.rows(1)
     assert (row["endpoint"], row["model"], row["pool"], row["outcome"]) == (
         "audio.transcriptions", "whisper-1", "other", "ok")
-    assert row["audio_seconds"] == 7.0 and row["total_tokens"] == 0
+    assert row["audio_seconds"] == 7.0 and row["total_tokens"] is None and row["input_tokens"] is None
+    assert row["cost_usd"] == pytest.approx(7 / 60 * 0.006) and row["cost_status"] == "priced"
 
 
 def test_transcription_billed_by_tokens(case):

@@ -88,7 +88,9 @@ BAD = [
     ('[alerts]\nwebhook = "ftp://x"\n[pools.a]\n', 2, "webhook must be an http(s) URL"),
     ('[pools.a]\nmodels = []\n[keys.abc]\nlimits = { nope = 5 }\n', 4, "unknown pool 'nope'"),
     ('[pools.a]\nmodels = []\n[keys.abc]\nlabel = 5\n', 4, "label must be a string"),
-    ('[pools.a]\nmodels = []\n[prices."gpt-4o"]\ninput = 1\n', 3, "needs input and output"),
+    ('[pools.a]\nmodels = []\n[prices."gpt-4o"]\nvoice = 1\n', 3, "unknown setting 'voice'"),
+    ('[pools.a]\nmodels = []\n[prices."gpt-4o"]\n', 3, "sets no price"),
+    ('[pools.a]\nmodels = []\n[prices."gpt-4o".priority]\ninput = "x"\n', 4, "priority.input must be a number"),
     ('[pools.a]\nmodels = []\n[prices."gpt-4o"]\ninput = 1\noutput = -2\n', 5, "output must be a number"),
     ('estimate_output_tokens = -1\n[pools.a]\n', 1, "estimate_output_tokens"),
 ]

@@ -102,7 +102,8 @@ def test_transcription_token_usage():
 
 def test_transcription_duration_usage():
     usage = meter.parse_usage({"type": "duration", "seconds": 7})
-    assert usage.seconds == 7.0 and usage.total_tokens == 0
+    # Duration-billed: no tokens at all (NULL columns, not 0).
+    assert usage.seconds == 7.0 and usage.total_tokens is None and usage.input_tokens is None
     assert usage.as_columns()["audio_seconds"] == 7.0
     assert meter.parse_usage({"type": "duration", "seconds": "7"}) is None
 
