@@ -507,7 +507,7 @@ class UsageMeter:
             "label": call.label,
             "project": call.project or headers.get("openai-project"),
             "request_id": headers.get("x-request-id"),
-            "service_tier": getattr(facts, "service_tier", None) or call.request.service_tier,
+            "service_tier": meter.billed_service_tier(getattr(facts, "service_tier", None), call.request.service_tier),
             "user_agent": call.user_agent,
             "error": error[:500] if error else None,
             "response_id": response_id,

@@ -181,6 +181,14 @@ def parse_usage(usage: Any) -> Usage | None:
 STANDARD_TIERS = frozenset({"default", "auto", "standard"})
 
 
+def billed_service_tier(answered: str | None, asked: str | None) -> str | None:
+    """The tier a call is billed at: as answered; as asked when the answer says
+    none (or only `auto`, which is no tier)."""
+    if answered and answered != "auto":
+        return answered
+    return asked or answered
+
+
 def processing_of(service_tier: str | None) -> str:
     """The `processing` column of a live call: `standard` or the tier billed
     (the tier answered, else the one asked). Batch rows say `batch`."""

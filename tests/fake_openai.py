@@ -24,6 +24,9 @@ with `extra_headers`:
                                 dribble (SSE frames sent 7 bytes at a time)
     x-fake-newline: crlf        SSE lines end with CRLF
     x-fake-chunks: 5            content chunks in a stream (default 3)
+    x-fake-usage: {json}        answer exactly this usage object (any endpoint's shape)
+    x-fake-output: [json]       extra Responses output items (web_search_call, ...)
+    x-fake-service-tier: flex   service_tier in the answer; empty: no service_tier key
 
 GET /v1/organization/usage/completions and /v1/organization/costs (admin
 key `sk-admin-...`) report the usage this server sent, in buckets.
@@ -280,18 +283,24 @@ class Handler(BaseHTTPRequestHandler):
                 return self._responses(received, body)
             if path.endswith("/embeddings"):
                 tokens = count_tokens(body.get("input"))
-                usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+                usage = self._usage_override() or {"prompt_tokens": tokens, "total_tokens": tokens}
                 received.usage_sent = usage
                 return self._json(200, {"object": "list", "model": body.get("model"), "usage": usage,
                                         "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]})
             if path.endswith("/audio/transcriptions"):
                 return self._transcription(received, raw)
-            if path.endswith("/images/generations"):
-                usage = {"input_tokens": 30, "input_tokens_details": {"text_tokens": 30, "image_tokens": 0},
-                         "output_tokens": 4160, "total_tokens": 4190}
-                received.usage_sent = usage
+            if path.endswith(("/images/generations", "/images/edits")):
                 image = {"b64_json": "aGVsbG8="}
+                model = str(body.get("model") or "dall-e-2")
+                if model.startswith("dall-e"):  # per-image models answer no usage
+                    return self._json(200, {"created": int(time.time()), "data": [image] * int(body.get("n") or 1)})
+                usage = self._usage_override() or {
+                    "input_tokens": 30, "input_tokens_details": {"text_tokens": 30, "image_tokens": 0},
+                    "output_tokens": 4160, "total_tokens": 4190}
+                received.usage_sent = usage
                 return self._json(200, {"created": int(time.time()), "data": [image], "usage": usage})
+            if path.endswith("/audio/speech"):
+                return self._speech(received, body)
             if path.endswith("/moderations"):
                 return self._json(200, {"id": "modr-1", "model": "omni-moderation-latest", "results": []})
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):  # the client (proxy) hung up
@@ -314,6 +323,7 @@ class Handler(BaseHTTPRequestHandler):
             "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
         }
+        usage = self._usage_override() or usage
         cid = "chatcmpl-" + uuid.uuid4().hex[:20]
         created = int(time.time())
         if not body.get("stream"):
@@ -324,12 +334,12 @@ class Handler(BaseHTTPRequestHandler):
                 "choices": [
                     {"index": i, "message": message, "finish_reason": "stop", "logprobs": None} for i in range(n)
                 ],
-                "usage": usage, "service_tier": "default", "system_fingerprint": "fp_fake",
+                "usage": usage, **self._tier(), "system_fingerprint": "fp_fake",
             })
         include_usage = (body.get("stream_options") or {}).get("include_usage") is True
         behavior = self.headers.get("x-fake-behavior", "")
         base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served,
-                "service_tier": "default", "system_fingerprint": "fp_fake"}
+                **self._tier(), "system_fingerprint": "fp_fake"}
         if include_usage:
             base["usage"] = None
         frames = []
@@ -433,7 +443,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _completions(self, received: Received, body: dict) -> None:
         prompt = count_tokens(body.get("prompt"))
-        usage = {"prompt_tokens": prompt, "completion_tokens": 5, "total_tokens": prompt + 5}
+        usage = self._usage_override() or {"prompt_tokens": prompt, "completion_tokens": 5, "total_tokens": prompt + 5}
         cid = "cmpl-" + uuid.uuid4().hex[:20]
         base = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": body.get("model")}
         if not body.get("stream"):
@@ -454,19 +464,21 @@ class Handler(BaseHTTPRequestHandler):
         rid = "resp_" + uuid.uuid4().hex[:24]
         prompt = count_tokens(body.get("input"))
         chunks = int(self.headers.get("x-fake-chunks") or 3)
-        usage = _responses_usage(prompt, chunks + 4, reasoning=4)
+        usage = self._usage_override() or _responses_usage(prompt, chunks + 4, reasoning=4)
         if body.get("background") and not body.get("stream"):
             with self.server.state.lock:
                 self.server.state.background[rid] = int(self.headers.get("x-fake-polls") or 1)
             return self._json(200, _response_object(rid, served, "queued", None))
         if not body.get("stream"):
             received.usage_sent = usage
-            return self._json(200, _response_object(rid, served, "completed", usage, text="hello"))
+            return self._json(200, self._decorate(_response_object(rid, served, "completed", usage, text="hello")))
         behavior = self.headers.get("x-fake-behavior", "")
         seq = iter(range(10_000))
         frames = [
-            _event("response.created", {"response": _response_object(rid, served, "in_progress", None)}, seq),
-            _event("response.in_progress", {"response": _response_object(rid, served, "in_progress", None)}, seq),
+            _event("response.created", {"response": self._decorate(_response_object(rid, served, "in_progress",
+                                                                                   None))}, seq),
+            _event("response.in_progress", {"response": self._decorate(_response_object(rid, served, "in_progress",
+                                                                                       None))}, seq),
             _event("response.output_item.added", {"output_index": 0, "item": {"id": "msg_1", "type": "message",
                                                   "status": "in_progress", "content": [], "role": "assistant"}}, seq),
             _event("response.content_part.added", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
@@ -493,7 +505,8 @@ class Handler(BaseHTTPRequestHandler):
             self.headers.get("x-fake-terminal", ""), "response.completed")
         status = terminal.split(".")[1]
         received.usage_sent = usage
-        frames.append(_event(terminal, {"response": _response_object(rid, served, status, usage, text="done")}, seq))
+        frames.append(_event(terminal, {"response": self._decorate(_response_object(rid, served, status, usage,
+                                                                                     text="done"))}, seq))
         self._sse(frames)
 
     def _transcription(self, received: Received, raw: bytes) -> None:
@@ -505,8 +518,48 @@ class Handler(BaseHTTPRequestHandler):
             usage = {"type": "tokens", "input_tokens": 70, "input_token_details": {"text_tokens": 0,
                                                                                     "audio_tokens": 70},
                      "output_tokens": 12, "total_tokens": 82}
+        usage = self._usage_override() or usage
         received.usage_sent = usage
         self._json(200, {"text": "hello world", "usage": usage})
+
+    def _speech(self, received: Received, body: dict) -> None:
+        """TTS: audio bytes, or with `stream_format: "sse"` audio deltas and
+        `speech.audio.done` carrying usage (gpt-4o-mini-tts)."""
+        if body.get("stream_format") != "sse":
+            audio = b"ID3\x04fake-mp3" + bytes(range(256))
+            self.send_response(200)
+            self.send_header("content-type", "audio/mpeg")
+            self.send_header("x-request-id", "req_" + uuid.uuid4().hex[:16])
+            self.send_header("content-length", str(len(audio)))
+            self.end_headers()
+            self.wfile.write(audio)
+            return
+        text = str(body.get("input") or "")
+        usage = self._usage_override() or {"input_tokens": max(1, len(text) // 4), "output_tokens": 400,
+                                            "total_tokens": max(1, len(text) // 4) + 400}
+        received.usage_sent = usage
+        frames = [_frame({"type": "speech.audio.delta", "audio": "AAAA"}),
+                  _frame({"type": "speech.audio.done", "usage": usage})]
+        self._sse(frames)
+
+    def _usage_override(self) -> dict | None:
+        raw = self.headers.get("x-fake-usage")
+        return json.loads(raw) if raw else None
+
+    def _tier(self) -> dict:
+        tier = self.headers.get("x-fake-service-tier")
+        if tier is None:
+            return {"service_tier": "default"}
+        return {"service_tier": tier} if tier else {}
+
+    def _decorate(self, response: dict) -> dict:
+        """A Responses object with the test's service tier and extra output items."""
+        response.pop("service_tier", None)
+        response.update(self._tier())
+        extra = self.headers.get("x-fake-output")
+        if extra and response.get("status") == "completed":
+            response["output"] = json.loads(extra) + response.get("output", [])
+        return response
 
 
 def _served_model(model: str) -> str:
