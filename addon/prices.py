@@ -302,8 +302,8 @@ class Pricer:
                 if tool in TOOL_KEYS:
                     per = 1 if tool == "container" else 1000
                     add(_int(count), (TOOL_KEYS[tool],), per, f"{tool} calls")
-        if row.get("input_tokens") is None and row.get("output_tokens") is None:
-            # Billed by something else than tokens.
+        if not input_tokens and not output_tokens:
+            # Billed by something else than tokens (the version before wrote 0 tokens for whisper-1).
             seconds = row.get("audio_seconds")
             if seconds is not None:
                 add(float(seconds), ("audio_hours", "input_audio_hours"), 3600, "audio seconds")
@@ -384,11 +384,12 @@ def shadowed_snapshots(overrides: dict[str, config_mod.Price], provider: str = "
                 continue
             theirs = str(info.get_prices(now))
             if own is None or (info.id != own.id and theirs != own_prices):
-                covered.append(f"{name} ({theirs or 'free'})")
+                covered.append((name, theirs or "free"))
         if covered:
+            names_text = ", ".join(f"{n} ({p})" if len(covered) <= 3 else n for n, p in covered[:10])
+            more = f" and {len(covered) - 10} more" if len(covered) > 10 else ""
             messages.append(
-                f"usage: [prices.{pattern!r}] also covers {', '.join(covered[:8])}"
-                f"{' and more' if len(covered) > 8 else ''}, which the catalogue prices differently; "
+                f"usage: [prices.{pattern!r}] also covers {names_text}{more}, which the catalogue prices differently; "
                 f"the override wins for them too. Add an exact [prices.\"NAME\"] to keep the catalogue's price.")
     return messages
 
