@@ -303,7 +303,7 @@ SELECT day, coalesce(pool, '(none)') AS pool, coalesce(sum(total_tokens), 0) AS 
             "db": DB,
             "query": f"""{RANGE}
 SELECT day, round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
-       sum(cost_usd IS NULL AND total_tokens > 0) AS unpriced_requests
+       sum(cost_status = 'unknown_price') AS unpriced_requests
   FROM requests, range
  WHERE {RANGE_WHERE}
  GROUP BY day ORDER BY day""",
@@ -375,8 +375,23 @@ REQUEST_COLUMNS = _columns(
     output_tokens="Output tokens (includes reasoning_tokens)",
     reasoning_tokens="Reasoning tokens (part of output_tokens)",
     total_tokens="input_tokens + output_tokens: what counts against a pool",
-    audio_seconds="Audio duration billed (whisper-1), seconds",
-    cost_usd="Cost in USD (genai-prices or the config's [prices]); NULL when the model's price is unknown",
+    audio_seconds="Audio duration billed (whisper-1), seconds; such rows have NULL tokens",
+    cost_usd="Cost in USD of every billed component (genai-prices, the package's price table, the config's "
+    "[prices]); NULL when a component the call used has no known price",
+    cost_status="priced, free (a real 0: moderation), unknown_price (cost_usd NULL), no_usage",
+    processing="How the call was billed: standard, batch, flex, priority, ...",
+    audio_input_tokens="Audio input tokens (part of input_tokens), billed at the audio rate",
+    audio_output_tokens="Audio output tokens (part of output_tokens), billed at the audio rate",
+    image_input_tokens="Image input tokens (part of input_tokens), billed at the image rate",
+    image_output_tokens="Image output tokens (part of output_tokens), billed at the image rate",
+    cache_write_tokens="Tokens written to the prompt cache (part of input_tokens), billed at the cache-write rate",
+    cached_audio_tokens="Cached audio input tokens (part of cached_tokens and audio_input_tokens)",
+    tool_calls='Hosted tool calls, JSON: {"web_search": 3, "code_interpreter": 2, "container": 1}',
+    characters="TTS input characters (tts-1, tts-1-hd bill per character)",
+    images="Images of per-image models (DALL-E)",
+    image_size="Image size asked (DALL-E prices depend on it)",
+    image_quality="Image quality asked (DALL-E prices depend on it)",
+    reported_total_tokens="OpenAI's own total_tokens, as answered",
     latency_ms="Request start to the last byte of the response, milliseconds",
     ttfb_ms="Request start to the response headers (streams: first body byte), milliseconds",
     key_id="First 12 hex digits of SHA-256 of the API key: stable, not reversible",
