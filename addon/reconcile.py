@@ -4,8 +4,10 @@ Reads the organization Usage API (`/v1/organization/usage/completions`,
 grouped by model) and Costs API (`/v1/organization/costs`, grouped by line
 item) with an admin key, stores the buckets in `openai_usage` and
 `openai_costs`, and prints per UTC day and model both sides and the
-difference. Traffic that bypassed the proxy (or keys the proxy never saw)
-shows up as a positive difference. With `--alerts`, the pools' alert
+difference, in tokens (Usage API against the proxy's completions rows) and
+in USD (Costs API line items, "<model>, <item>", against the `cost_usd` of
+every proxy row of that model). Traffic that bypassed the proxy (or keys the
+proxy never saw) shows up as a positive difference. With `--alerts`, the pools' alert
 thresholds are evaluated on OpenAI's figures too; with `--every 5m` it keeps
 polling.
 """
@@ -162,12 +164,20 @@ WITH openai AS (
   FROM openai_costs WHERE start >= :since GROUP BY 1, 2
 ), proxy AS (
   SELECT substr(ts, 1, 10) AS day, model, COUNT(*) AS requests,
-         SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, SUM(cost_usd) AS cost_usd
+         SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens
   FROM requests
   WHERE ts >= :since AND total_tokens IS NOT NULL AND endpoint IN ({endpoints})
   GROUP BY 1, 2
+), proxy_cost AS (
+  -- every billed call, whatever its endpoint: the Costs API has them all
+  SELECT substr(ts, 1, 10) AS day, model, SUM(cost_usd) AS cost_usd,
+         SUM(cost_status = 'unknown_price') AS unpriced
+  FROM requests
+  WHERE ts >= :since AND cost_status IN ('priced', 'free', 'unknown_price')
+  GROUP BY 1, 2
 ), keys AS (
   SELECT day, model FROM openai UNION SELECT day, model FROM proxy UNION SELECT day, model FROM cost
+  UNION SELECT day, model FROM proxy_cost
 )
 SELECT keys.day, keys.model,
        openai.requests AS openai_requests, proxy.requests AS proxy_requests,
@@ -175,11 +185,13 @@ SELECT keys.day, keys.model,
        COALESCE(proxy.input_tokens, 0) + COALESCE(proxy.output_tokens, 0) AS proxy_tokens,
        openai.input_tokens AS openai_input_tokens, proxy.input_tokens AS proxy_input_tokens,
        openai.output_tokens AS openai_output_tokens, proxy.output_tokens AS proxy_output_tokens,
-       cost.cost_usd AS openai_cost_usd, proxy.cost_usd AS proxy_cost_usd
+       cost.cost_usd AS openai_cost_usd, proxy_cost.cost_usd AS proxy_cost_usd,
+       COALESCE(proxy_cost.unpriced, 0) AS proxy_unpriced_requests
 FROM keys
 LEFT JOIN openai ON openai.day = keys.day AND openai.model IS keys.model
 LEFT JOIN proxy ON proxy.day = keys.day AND proxy.model IS keys.model
 LEFT JOIN cost ON cost.day = keys.day AND cost.model IS keys.model
+LEFT JOIN proxy_cost ON proxy_cost.day = keys.day AND proxy_cost.model IS keys.model
 ORDER BY keys.day DESC, keys.model
 """.replace("{endpoints}", ", ".join(f"'{e}'" for e in COMPLETION_ENDPOINTS))
 
@@ -194,6 +206,9 @@ def compare(db, *, days: int, width: str, now: datetime | None = None) -> list[d
     for values in cursor.fetchall():
         row = dict(zip(names, values, strict=True))
         row["difference_tokens"] = row["openai_tokens"] - row["proxy_tokens"]
+        # What OpenAI billed that the proxy's costs do not account for (rows
+        # without a known price make the proxy's figure a lower bound).
+        row["difference_usd"] = round((row["openai_cost_usd"] or 0) - (row["proxy_cost_usd"] or 0), 9)
         out.append(row)
     return out
 
@@ -252,6 +267,13 @@ def _usd(value: Any) -> str:
     return "-" if value is None else f"${value:,.4f}"
 
 
+def _usd_diff(value: float) -> str:
+    if abs(value) < 0.0000005:
+        return "0"
+    style = "bold red" if value > 0 else "yellow"
+    return f"[{style}]{value:+,.6f}[/]"
+
+
 def print_table(rows: list[dict[str, Any]], file=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -259,14 +281,16 @@ def print_table(rows: list[dict[str, Any]], file=None) -> None:
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name, justify in (("day", "left"), ("model", "left"), ("OpenAI req", "right"), ("proxy req", "right"),
                           ("OpenAI tokens", "right"), ("proxy tokens", "right"), ("not via proxy", "right"),
-                          ("OpenAI $", "right"), ("proxy $", "right")):
+                          ("OpenAI $", "right"), ("proxy $", "right"), ("$ not via proxy", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     for row in rows:
         diff = row["difference_tokens"]
         style = "bold red" if diff > 0 else ("yellow" if diff < 0 else "")
         table.add_row(row["day"], row["model"] or "(none)", _n(row["openai_requests"]), _n(row["proxy_requests"]),
                       _n(row["openai_tokens"]), _n(row["proxy_tokens"]), f"[{style}]{diff:+,}[/]" if style else "0",
-                      _usd(row["openai_cost_usd"]), _usd(row["proxy_cost_usd"]))
+                      _usd(row["openai_cost_usd"]), _usd(row["proxy_cost_usd"]) + (
+                          f" ({row['proxy_unpriced_requests']} unpriced)" if row["proxy_unpriced_requests"] else ""),
+                      _usd_diff(row["difference_usd"]))
     console = Console(file=file)
     if not console.is_terminal:  # a pipe or a file: never cut columns
         console = Console(file=file, width=200)
@@ -280,6 +304,12 @@ def print_table(rows: list[dict[str, Any]], file=None) -> None:
                       "(traffic that bypassed it, or rows still being written)")
     else:
         console.print("every token OpenAI counted went through the proxy")
+    billed = sum(r["difference_usd"] for r in rows)
+    if abs(billed) >= 0.0000005:
+        console.print(f"OpenAI's costs differ from the proxy's by ${billed:+,.6f} in this range "
+                      "(traffic that bypassed the proxy, rows without a known price, or prices to update)")
+    else:
+        console.print("OpenAI's costs agree with the proxy's")
 
 
 # -- command line --------------------------------------------------------------------

@@ -411,7 +411,7 @@ class Handler(BaseHTTPRequestHandler):
                 cached = (usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}).get(
                     "cached_tokens", 0)
                 if costs:
-                    for kind, amount in (("input", tokens_in * 2.5e-6), ("output", tokens_out * 10e-6)):
+                    for kind, amount in _line_items(model, tokens_in, cached, tokens_out):
                         item = f"{model}, {kind}" if "line_item" in group_by else None
                         entry = results.setdefault((item,), {"object": "organization.costs.result",
                                                              "amount": {"value": 0.0, "currency": "usd"},
@@ -560,6 +560,19 @@ class Handler(BaseHTTPRequestHandler):
         if extra and response.get("status") == "completed":
             response["output"] = json.loads(extra) + response.get("output", [])
         return response
+
+
+def _line_items(model: str, tokens_in: int, cached: int, tokens_out: int) -> list[tuple[str, float]]:
+    """Costs API line items of one call, at genai-prices' standard rates
+    (models it does not know: $2.50 / $10 per million input / output tokens)."""
+    from genai_prices import Usage, calc_price
+
+    try:
+        price = calc_price(Usage(input_tokens=tokens_in, cache_read_tokens=cached, output_tokens=tokens_out), model,
+                           provider_id="openai")
+    except Exception:
+        return [("input", tokens_in * 2.5e-6), ("output", tokens_out * 10e-6)]
+    return [("input", float(price.input_price)), ("output", float(price.output_price))]
 
 
 def _served_model(model: str) -> str:

@@ -209,6 +209,8 @@ CASES = [
                                                                           cache_write=100000),
          0.282, "cache-write", genai=g(input_tokens=120000, cache_read_tokens=10000, cache_write_tokens=100000,
                                        output_tokens=1000)),  # 2 / .20 read / 2.50 write / 10
+    Case("gpt-6-sol 100k written", "chat", "gpt-6-sol", chat_usage(100000, 0, cache_write=100000), 0.25,
+         "cache-write", genai=g(input_tokens=100000, cache_write_tokens=100000)),  # write 2.50 (input 2)
     Case("gpt-5.6-cyber cache writes chat", "chat", "gpt-5.6-cyber", chat_usage(100000, 0, cache_write=100000),
          1.5625, "cache-write", genai=g(input_tokens=100000, cache_write_tokens=100000)),  # write 15.625
     Case("cache writes without a write price", "chat", "gpt-4.1", chat_usage(100000, 10, cache_write=100000), None,

@@ -78,9 +78,16 @@ def test_reconcile_shows_traffic_that_bypassed_the_proxy(make_proxy, admin_api, 
     missed = rows["gpt-4o-mini-2024-07-18"]
     assert missed["proxy_requests"] is None and missed["openai_requests"] == 1
     assert missed["difference_tokens"] == bypass.usage.total_tokens
-    # Costs: the fake bills $2.50 / $10 per million input / output tokens.
-    expected = (bypass.usage.prompt_tokens * 2.5 + bypass.usage.completion_tokens * 10) / 1e6
+    # Costs: the fake bills gpt-4o-mini at $0.15 / $0.075 cached / $0.60 per million tokens.
+    cached = bypass.usage.prompt_tokens_details.cached_tokens
+    expected = ((bypass.usage.prompt_tokens - cached) * 0.15 + cached * 0.075
+                + bypass.usage.completion_tokens * 0.6) / 1e6
     assert missed["openai_cost_usd"] == pytest.approx(expected)
+    assert missed["proxy_cost_usd"] is None and missed["difference_usd"] == pytest.approx(expected, abs=1e-9)
+    # What went through the proxy: OpenAI's bill and the proxy's costs agree.
+    assert seen["openai_cost_usd"] == pytest.approx(seen["proxy_cost_usd"], abs=1e-9)
+    assert seen["proxy_cost_usd"] > 0 and seen["difference_usd"] == pytest.approx(0, abs=1e-9)
+    assert seen["proxy_unpriced_requests"] == 0
 
     conn = sqlite3.connect(proxy.db)
     stored = conn.execute("select model, requests, input_tokens, output_tokens from openai_usage "
@@ -96,6 +103,7 @@ def test_reconcile_shows_traffic_that_bypassed_the_proxy(make_proxy, admin_api, 
     assert "gpt-4o-mini-2024-07-18" in table.stdout
     assert f"+{bypass.usage.total_tokens:,}" in table.stdout
     assert "were not seen by the proxy" in table.stdout
+    assert f"+{expected:,.6f}" in table.stdout and "OpenAI's costs differ from the proxy's" in table.stdout
 
 
 def test_pagination_and_hourly_buckets(admin_api, tmp_path):
