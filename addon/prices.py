@@ -76,6 +76,8 @@ def _override_for(model: str, prices: dict[str, Any]) -> Any:
 
 
 def _int(value: Any) -> int:
+    if type(value) is int:
+        return value
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
@@ -113,6 +115,7 @@ class Rates:
     values: dict[str, Any]
     free: bool = False
     problem: str | None = None  # why the row cannot be priced at all (unknown model or tier)
+    image_aware: bool = False  # an image model: image output without its own rate is priced as output
 
     def get(self, key: str) -> Any:
         return self.values.get(key)
@@ -241,7 +244,7 @@ class Pricer:
             problem = "no price known"
         elif not tier_known:
             problem = f"no price known for service tier {tier!r}"
-        return Rates(values, free=free, problem=problem)
+        return Rates(values, free=free, problem=problem, image_aware=any("image" in key for key in values))
 
     def _catalogue_model(self, model: str) -> Any:
         from genai_prices.data_snapshot import get_snapshot
@@ -270,7 +273,6 @@ class Pricer:
             raise Unpriced(f"usage parts exceed their totals (input {input_tokens}, cached {cached}, "
                            f"audio {audio_in}, image {image_in}, cache writes {cache_write}; output {output_tokens}, "
                            f"audio {audio_out}, image {image_out})")
-        image_aware = any("image" in key for key in rates.values)
         total = Decimal(0)
 
         def add(count: int | float, keys: tuple[str, ...], per: int, what: str) -> None:
@@ -280,7 +282,8 @@ class Pricer:
             for key in keys:
                 price = rates.get(key)
                 if price is not None and not isinstance(price, dict):
-                    total += _tiered(price, input_tokens) * Decimal(str(count)) / per
+                    total += _tiered(price, input_tokens) * (Decimal(count) if type(count) is int
+                                                             else Decimal(str(count))) / per
                     return
             raise Unpriced(f"no price known for {what}")
 
@@ -293,7 +296,7 @@ class Pricer:
         add(text_out, ("output_mtok",), MILLION, "output tokens")
         add(audio_out, ("output_audio_mtok",), MILLION, "audio output tokens")
         # Image models without a separate image output rate bill image output as output.
-        add(image_out, ("output_image_mtok", "output_mtok") if image_aware else ("output_image_mtok",), MILLION,
+        add(image_out, ("output_image_mtok", "output_mtok") if rates.image_aware else ("output_image_mtok",), MILLION,
             "image output tokens")
         tools = row.get("tool_calls")
         if tools:
