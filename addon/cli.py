@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "addon.top",  # top
     "addon.reconcile",  # reconcile
     "addon.issued_keys",  # keys
+    "addon.collect",  # collect
 ]
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # clear message, no traceback, for expected failures
         from .config import ConfigError
 
-        if isinstance(exc, (ConfigError, FileNotFoundError, PermissionError)):
+        if isinstance(exc, (ConfigError, FileNotFoundError, PermissionError, ConnectionError)):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
