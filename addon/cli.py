@@ -30,7 +30,9 @@ def add_common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m addon", description="Meter OpenAI API traffic through mitmproxy.")
+    # The same commands as `python -m addon` and as the console script.
+    prog = "openai-usage-meter" if sys.argv and sys.argv[0].endswith("openai-usage-meter") else "python -m addon"
+    parser = argparse.ArgumentParser(prog=prog, description="Meter OpenAI API traffic through mitmproxy.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
