@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "addon.top",  # top
     "addon.reconcile",  # reconcile
     "addon.issued_keys",  # keys
+    "addon.collect",  # collect
 ]
 
 
@@ -29,7 +30,9 @@ def add_common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m addon", description="Meter OpenAI API traffic through mitmproxy.")
+    # The same commands as `python -m addon` and as the console script.
+    prog = "openai-usage-meter" if sys.argv and sys.argv[0].endswith("openai-usage-meter") else "python -m addon"
+    parser = argparse.ArgumentParser(prog=prog, description="Meter OpenAI API traffic through mitmproxy.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # clear message, no traceback, for expected failures
         from .config import ConfigError
 
-        if isinstance(exc, (ConfigError, FileNotFoundError, PermissionError)):
+        if isinstance(exc, (ConfigError, FileNotFoundError, PermissionError, ConnectionError)):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise

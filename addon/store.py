@@ -76,6 +76,8 @@ REQUEST_COLUMNS: dict[str, type] = {
     "processing": str,  # standard | batch | flex | priority | ... as billed
     "reported_total_tokens": int,  # OpenAI's own total_tokens
     "cost_status": str,  # priced | free | unknown_price | no_usage
+    "uid": str,  # unique across proxies: `collect` inserts each row once (addon/redis_rows.py)
+    "origin": str,  # the proxy database a collected row came from
 }
 
 REQUEST_INDEXES: list[tuple[str, ...]] = [
@@ -161,6 +163,8 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...] | None, list[tupl
         ("bucket_width", "start", "model"),
         [("start",)],
     ),
+    # How far this database's rows have been published to Redis (addon/redis_rows.py).
+    "redis_outbox": ({"stream": str, "last_id": int, "origin": str}, "stream", []),
     "openai_costs": (
         {"start": str, "end": str, "line_item": str, "amount_usd": float, "currency": str, "fetched_at": str},
         ("start", "line_item"),
@@ -199,6 +203,8 @@ def migrate(db: sqlite_utils.Database) -> None:
                     table.add_column(column, kind)
         for index in indexes:
             table.create_index(list(index), if_not_exists=True, find_unique_name=True)
+    # One row per uid: the collector and spool imports insert with OR IGNORE.
+    db.table("requests").create_index(["uid"], index_name="idx_requests_uid", unique=True, if_not_exists=True)
 
 
 def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
@@ -213,6 +219,8 @@ def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
     released: dict[tuple[int, str], int] = {}
     private = False
     for row in rows:
+        if "uid" not in row:  # kept by a row that waits in the spool and is retried
+            row["uid"] = os.urandom(12).hex()
         if "_reservation" in row:
             private = True
             held = row["_reservation"]
@@ -220,7 +228,7 @@ def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
                 reservation, tokens, owner = held
                 released[(reservation, owner)] = released.get((reservation, owner), 0) + tokens
     clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows] if private else rows
-    db.table("requests").insert_all(clean, batch_size=500, columns=REQUEST_COLUMNS)
+    db.table("requests").insert_all(clean, batch_size=500, columns=REQUEST_COLUMNS, ignore=True)
     if released:
         db.conn.executemany("UPDATE reservations SET tokens = MAX(tokens - ?, 0) WHERE id = ? AND owner = ?",
                             [(tokens, *scope) for scope, tokens in released.items()])

@@ -1,0 +1,359 @@
+"""Rows past one machine: proxies publish their rows to a Redis Stream, `collect` writes them into one SQLite.
+
+Each proxy keeps writing its own database first; that database is the outbox.
+A publisher thread reads rows committed since its cursor (table `redis_outbox`),
+adds them to the stream `usage:rows` in one pipeline and then moves the cursor.
+While Redis is away the rows simply wait in SQLite, and a crash between the
+XADD and the cursor update only publishes some rows twice, which the collector
+ignores: every row carries a `uid`, unique in the central database.
+
+The collector reads the stream in a consumer group and acknowledges entries
+only after the transaction that inserted them has committed (`INSERT OR IGNORE`
+on `uid`), so a collector killed mid-batch re-reads its pending entries at the
+next start: nothing is inserted twice and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from . import store
+
+log = logging.getLogger(__name__)
+
+STREAM = "usage:rows"
+GROUP = "collectors"
+# The stream keeps about this many rows for collectors that fall behind
+# (XADD MAXLEN ~): at ~1 KB a row, about 1 GB of Redis memory at most.
+STREAM_MAXLEN = 1_000_000
+PUBLISH_BATCH = 500
+PUBLISH_INTERVAL = 1.0  # seconds between looks at the local database
+PASSWORD_ENV = "USAGE_REDIS_PASSWORD"
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def connect(url: str, *, timeout: float = 2.0) -> redis.Redis:
+    """A client for `url` (redis:// or rediss://); the password may come from $USAGE_REDIS_PASSWORD.
+
+    Raises ValueError with a clear message when the URL is not a Redis URL.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"usage_redis must be a redis://, rediss:// or unix:// URL, not {redacted(url)!r}")
+    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                              "health_check_interval": 30, "decode_responses": True}
+    password = os.environ.get(PASSWORD_ENV)
+    if password and urlsplit(url).password is None:
+        kwargs["password"] = password
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def ping(url: str) -> redis.Redis:
+    """Connect and check the server answers; raise ConnectionError naming the (redacted) URL otherwise."""
+    client = connect(url)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        raise ConnectionError(f"cannot reach Redis at {redacted(url)}: {exc}") from None
+    return client
+
+
+# ---------------------------------------------------------------------------
+# Publishing (proxy side)
+
+
+def outbox_cursor(db: store.sqlite_utils.Database) -> tuple[int, str]:
+    """(last published local row id, this database's origin id), creating both on first use."""
+    row = db.execute("SELECT last_id, origin FROM redis_outbox WHERE stream = ?", [STREAM]).fetchone()
+    if row is not None:
+        return int(row[0]), str(row[1])
+    origin = f"{socket.gethostname()}-{os.urandom(4).hex()}"
+    with db.conn:
+        db.execute("INSERT OR IGNORE INTO redis_outbox (stream, last_id, origin) VALUES (?, 0, ?)", [STREAM, origin])
+    row = db.execute("SELECT last_id, origin FROM redis_outbox WHERE stream = ?", [STREAM]).fetchone()
+    return int(row[0]), str(row[1])
+
+
+def entry_for(row: dict[str, Any], origin: str) -> dict[str, str]:
+    """The stream entry of a local row: its columns as JSON, without the local id.
+
+    Rows written before `uid` existed get one from the database's origin and their id.
+    """
+    body = {k: v for k, v in row.items() if k != "id" and v is not None}
+    body.setdefault("uid", f"{origin}:{row['id']}")
+    body.setdefault("origin", origin)
+    return {"row": json.dumps(body, separators=(",", ":"))}
+
+
+def publish_pending(db: store.sqlite_utils.Database, client: redis.Redis, *, batch: int = PUBLISH_BATCH,
+                    maxlen: int = STREAM_MAXLEN) -> int:
+    """Publish every row committed since the cursor; return how many were published."""
+    last_id, origin = outbox_cursor(db)
+    published = 0
+    while True:
+        cursor = db.execute("SELECT * FROM requests WHERE id > ? ORDER BY id LIMIT ?", [last_id, batch])
+        names = [d[0] for d in cursor.description]
+        rows = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
+        if not rows:
+            return published
+        pipe = client.pipeline(transaction=False)
+        for row in rows:
+            pipe.xadd(STREAM, entry_for(row, origin), maxlen=maxlen, approximate=True)
+        pipe.execute()
+        last_id = rows[-1]["id"]
+        with db.conn:
+            db.execute("UPDATE redis_outbox SET last_id = ? WHERE stream = ?", [last_id, STREAM])
+        published += len(rows)
+        if len(rows) < batch:
+            return published
+
+
+class Publisher:
+    """The proxy's publishing thread: local rows to the Redis Stream, once per interval."""
+
+    def __init__(self, db_path: str | Path, url: str, *, interval: float = PUBLISH_INTERVAL,
+                 client_factory: Callable[[str], redis.Redis] = connect) -> None:
+        self.db_path = Path(db_path)
+        self.url = url
+        self.interval = interval
+        self.published = 0
+        self._client_factory = client_factory
+        self._healthy: bool | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="usage-redis-publisher", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish what is committed (one last try), then stop."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        client: redis.Redis | None = None
+        db: store.sqlite_utils.Database | None = None
+        while True:
+            stopping = self._stop.wait(self.interval)
+            try:
+                if db is None:
+                    if not self.db_path.exists():
+                        raise FileNotFoundError(self.db_path)
+                    db = store.connect(self.db_path)
+                    store.migrate(db)
+                if client is None:
+                    client = self._client_factory(self.url)
+                self.published += publish_pending(db, client)
+                self._state(True, None)
+            except (redis.RedisError, sqlite3.Error, OSError) as exc:
+                self._state(False, exc)
+                if isinstance(exc, (sqlite3.Error, OSError)) and db is not None:
+                    db.conn.close()
+                    db = None
+            if stopping:
+                break
+        if db is not None:
+            db.conn.close()
+        if client is not None:
+            client.close()
+
+    def _state(self, healthy: bool, exc: BaseException | None) -> None:
+        # Logged once per change of state, not once per second.
+        if healthy == self._healthy:
+            return
+        if healthy and self._healthy is False:
+            log.warning("usage: publishing rows to Redis %s again", redacted(self.url))
+        elif not healthy:
+            log.warning("usage: cannot publish rows to Redis %s (%s); they wait in the local database",
+                        redacted(self.url), exc)
+        self._healthy = healthy
+
+
+class RedisRows:
+    """mitmproxy addon: with `usage_redis` set, publish committed rows for `collect`."""
+
+    def __init__(self) -> None:
+        self.publisher: Publisher | None = None
+        self._key: tuple[str, str] | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "usage_redis", str, "",
+            "redis://host:port/db (or rediss://) shared by every proxy of a team: pools, reservations, resets "
+            f"and alerts are shared and rows are published for `collect`. Password in the URL or ${PASSWORD_ENV}.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        from mitmproxy import ctx, exceptions
+
+        url = ctx.options.usage_redis.strip()
+        key = (url, ctx.options.usage_db)
+        if key == self._key:
+            return
+        self._key = key
+        self._close()
+        if not url:
+            return
+        try:
+            ping(url).close()
+        except (ValueError, ConnectionError) as exc:
+            raise exceptions.OptionsError(f"usage_redis: {exc}") from None
+        self.publisher = Publisher(ctx.options.usage_db, url)
+
+    def done(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+
+
+# ---------------------------------------------------------------------------
+# Collecting (central side)
+
+
+@dataclass
+class CollectStats:
+    read: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+
+
+def ensure_group(client: redis.Redis) -> None:
+    try:
+        client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def rows_of(entries: list[tuple[str, dict[str, str]]], stats: CollectStats) -> list[dict[str, Any]]:
+    """Stream entries to rows for `requests` (unknown columns dropped, bad entries counted and skipped)."""
+    rows = []
+    for _entry_id, fields in entries:
+        try:
+            row = json.loads(fields.get("row", ""))
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("uid"), str):
+            stats.malformed += 1
+            continue
+        rows.append({k: v for k, v in row.items() if k in store.REQUEST_COLUMNS and k != "id"})
+    return rows
+
+
+def insert_collected(db: store.sqlite_utils.Database, rows: list[dict[str, Any]]) -> int:
+    """Insert rows in one transaction, ignoring uids already present; return how many were new."""
+    if not rows:
+        return 0
+    before = db.conn.total_changes
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        db.table("requests").insert_all(rows, ignore=True, columns=store.REQUEST_COLUMNS, alter=False)
+        db.conn.commit()
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.rollback()
+        raise
+    return db.conn.total_changes - before
+
+
+def collect(db_path: str | Path, url: str, *, consumer: str | None = None, once: bool = False,
+            batch: int = 500, block_ms: int = 2000, claim_idle_ms: int = 60_000,
+            stop: threading.Event | None = None,
+            after_insert: Callable[[int], None] | None = None) -> CollectStats:
+    """Move rows from the stream into `db_path` until stopped (or, with `once`, until the stream is drained).
+
+    Entries are acknowledged after their rows are committed. At start the
+    consumer first re-reads what it had read but not acknowledged (a crash),
+    then takes over entries another collector left pending for `claim_idle_ms`.
+    """
+    client = ping(url)
+    ensure_group(client)
+    consumer = consumer or socket.gethostname()
+    db = store.connect(db_path)
+    store.migrate(db)
+    stats = CollectStats()
+    stop = stop or threading.Event()
+
+    def take(entries: list[tuple[str, dict[str, str]]]) -> None:
+        rows = rows_of(entries, stats)
+        inserted = insert_collected(db, rows)
+        stats.read += len(entries)
+        stats.inserted += inserted
+        stats.duplicates += len(rows) - inserted
+        if entries:
+            client.xack(STREAM, GROUP, *[entry_id for entry_id, _ in entries])
+        if after_insert is not None:
+            after_insert(inserted)
+
+    try:
+        while not stop.is_set():  # this consumer's own pending entries: a crash mid-batch
+            found = client.xreadgroup(GROUP, consumer, {STREAM: "0"}, count=batch)
+            entries = found[0][1] if found else []
+            if not entries:
+                break
+            take(entries)
+        start = "0-0"
+        while not stop.is_set():  # entries a dead collector left pending
+            start, entries, *_ = client.xautoclaim(STREAM, GROUP, consumer, claim_idle_ms, start, count=batch)
+            take(entries)
+            if start == "0-0":
+                break
+        while not stop.is_set():
+            found = client.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=batch,
+                                      block=None if once else block_ms)
+            entries = found[0][1] if found else []
+            if entries:
+                take(entries)
+            elif once:
+                break
+    finally:
+        db.conn.close()
+        client.close()
+    return stats
+
+
+def collect_forever(db_path: str | Path, url: str, *, consumer: str | None = None,
+                    stop: threading.Event | None = None, retry: float = 2.0) -> None:
+    """`collect` that survives Redis outages: logs once per change and reconnects."""
+    stop = stop or threading.Event()
+    failing = False
+
+    def back(_inserted: int) -> None:
+        nonlocal failing
+        if failing:
+            log.warning("collect: Redis %s is back", redacted(url))
+            failing = False
+
+    while not stop.is_set():
+        try:
+            collect(db_path, url, consumer=consumer, stop=stop, after_insert=back)
+            return
+        except (redis.RedisError, ConnectionError) as exc:
+            if not failing:
+                log.warning("collect: Redis %s unavailable (%s); retrying every %.0f s", redacted(url), exc, retry)
+                failing = True
+        stop.wait(retry)
