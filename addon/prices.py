@@ -227,13 +227,13 @@ class Pricer:
             values.update(_price_keys(override))
         free = (catalogue_free or any(e.free for e in supplement)) and override is None
         if batch:
-            if override is not None and "batch" in override.tiers:
-                batch_rates.update(_price_keys(override.tiers["batch"]))
-            if batch_rates:
+            if batch_rates:  # genai-prices' batch price of the model
                 values.update(batch_rates)
             else:  # OpenAI's Batch API rule: half the standard price of inputs and outputs
                 values = {k: (_scaled(v, price_table.BATCH_DISCOUNT) if k.endswith("_mtok") else v)
                           for k, v in values.items()}
+            if override is not None and "batch" in override.tiers:
+                values.update(_price_keys(override.tiers["batch"]))
         if tier is not None:
             if override is not None and tier in override.tiers:
                 tier_known = True

@@ -169,6 +169,10 @@ image_generation = 40
     assert pricer.cost(row("gpt-4o", input_tokens=1000, output_tokens=100, processing="batch")) == \
         pytest.approx((1000 * 1.25 + 100 * 3) / 1e6)
     assert pricer.quote(row("my-tts", characters=1000)) == (pytest.approx(0.02), "priced")
+    # A batch override on a model without batch prices: the rest at 50 % of the base (my-model: 4 / 8).
+    batch = Pricer({"my-model": config_mod.Price(input=4, output=8, tiers={"batch": config_mod.Price(output=1)})})
+    assert batch.cost(row("my-model", input_tokens=1000, output_tokens=1000, processing="batch")) == \
+        pytest.approx((1000 * 2 + 1000 * 1) / 1e6)
     assert pricer.cost(row("gpt-5", input_tokens=0, output_tokens=0, tool_calls='{"image_generation": 2}')) == \
         pytest.approx(0.08)
 
