@@ -40,46 +40,24 @@ DAYS = "max(CAST(coalesce(nullif(:days, ''), 7) AS INTEGER), 1)"
 # The first instant of the last :days local days (today included).
 SINCE = f"since AS (SELECT strftime({ISO}, start, '-' || ({DAYS} - 1) || ' days') AS from_ts FROM midnight)"
 
-STATUS = f"""WITH {CLOCK},
-current AS (
-  SELECT p.name AS pool, p."limit" AS lim, p."window" AS kind, p.timezone, p.rolling_hours,
-         CASE WHEN p.rolling_hours IS NOT NULL
-              THEN strftime({ISO}, clock.now, '-' || p.rolling_hours || ' hours')
-              ELSE (SELECT w.start FROM pool_windows w
-                     WHERE w.pool = p.name AND w.start <= clock.now AND clock.now < w."end") END AS period_start,
-         CASE WHEN p.rolling_hours IS NULL
-              THEN (SELECT w."end" FROM pool_windows w
-                     WHERE w.pool = p.name AND w.start <= clock.now AND clock.now < w."end") END AS period_end,
-         (SELECT max(r.ts) FROM resets r
-           WHERE r.pool = p.name AND r.key_id IS NULL AND r.ts <= clock.now) AS last_reset,
-         clock.now
-    FROM pools p, clock
-),
-counting AS (
-  -- A reset inside the current window moves its start: earlier usage no longer counts.
-  SELECT *, CASE WHEN last_reset >= period_start THEN last_reset ELSE period_start END AS start FROM current
-),
-usage AS (
-  SELECT c.*,
-         (SELECT coalesce(sum(q.total_tokens), 0) FROM requests q
-           WHERE q.pool = c.pool AND q.ts >= c.start AND q.ts < coalesce(c.period_end, '9999')) AS used,
-         (SELECT min(q.ts) FROM requests q
-           WHERE q.pool = c.pool AND q.ts >= c.start AND q.total_tokens > 0) AS oldest
-    FROM counting c
-)
-SELECT pool,
-       lim AS "limit",
-       used,
-       CASE WHEN lim IS NOT NULL THEN max(lim - used, 0) END AS remaining,
-       CASE WHEN lim IS NULL THEN NULL WHEN lim = 0 THEN 100.0 ELSE round(100.0 * used / lim, 2) END AS percentage,
-       start AS window_start,
-       -- Rolling windows: when the oldest counted usage ages out (NULL: nothing to age out).
-       CASE WHEN rolling_hours IS NULL THEN period_end
-            ELSE strftime({ISO}, oldest, '+' || rolling_hours || ' hours') END AS resets_at,
-       kind AS "window",
-       timezone
-  FROM usage
- ORDER BY pool"""
+# Status is computed in Python by addon/pool_status.py, the code the proxy's ledger, `status` and `top`
+# run; the plugin (addon/datasette_plugin.py) gives it to SQL as usage_status_json(): one row per scope.
+STATUS_COLUMNS = ("pool", "key_id", "label", "limit", "used", "remaining", "percentage", "window_start", "resets_at",
+                  "exhausted_at", "reserved", "pace_per_hour", "window", "timezone")
+
+
+def _status_sql(where: str, columns: tuple[str, ...] = STATUS_COLUMNS) -> str:
+    picked = ",\n       ".join(f"json_extract(s.value, '$.{c}') AS \"{c}\"" for c in columns)
+    return f"""SELECT {picked}
+  FROM json_each(usage_status_json()) s
+ WHERE {where}
+ ORDER BY 1, 2"""
+
+
+# Per pool (the contract's columns first); the keys with their own limits in KEY_STATUS.
+STATUS = _status_sql("json_extract(s.value, '$.key_id') IS NULL",
+                     tuple(c for c in STATUS_COLUMNS if c not in ("key_id", "label")))
+KEY_STATUS = _status_sql("json_extract(s.value, '$.key_id') IS NOT NULL")
 
 HISTORY = f"""WITH {CLOCK}, {MIDNIGHT}, {SINCE}
 SELECT day, pool,
@@ -457,8 +435,16 @@ def build() -> dict[str, Any]:
                     "status": _query(
                         STATUS,
                         "Pool status",
-                        "Per pool, now: tokens used in the current window, the limit, what remains, the "
-                        "percentage used, when the window started (or was last reset) and when it resets (UTC).",
+                        "Per pool, now: tokens used in the current window, the limit, what remains (after what "
+                        "requests in flight reserved), the percentage used, when the window started (or was last "
+                        "reset), when it resets and when it runs out at the pace of the last hour (exhausted_at; "
+                        "null when not before the reset). Times in UTC.",
+                    ),
+                    "key_status": _query(
+                        KEY_STATUS,
+                        "Key limits",
+                        "Per key with its own limit in a pool ([keys] in the config), now: the same figures as "
+                        "status, counted over that key's requests.",
                     ),
                     "history": _query(
                         HISTORY,
