@@ -77,7 +77,15 @@ def skip_csrf(scope):
     return scope.get("path", "").startswith(http_api.PREFIXES)
 
 
+def _no_record(record: logging.LogRecord) -> bool:
+    return False
+
+
 @hookimpl
 def startup():
     if os.environ.get(ACCESS_LOG_ENV) == "0":
-        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+        # A filter: `datasette serve` runs this before uvicorn configures its loggers, which resets their
+        # levels and handlers but keeps filters.
+        access = logging.getLogger("uvicorn.access")
+        if _no_record not in access.filters:
+            access.addFilter(_no_record)
