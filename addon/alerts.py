@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds before each retry
 TIMEOUT = 5.0
+RESEND_WITHIN = 24 * 3600.0  # seconds: undelivered alerts younger than this are sent again at start-up
 
 
 def ensure_dedupe_index(db: sqlite_utils.Database) -> None:
@@ -117,11 +120,15 @@ class AlertEvaluator:
 class WebhookSender:
     """POSTs alerts to a webhook from its own thread, with retries."""
 
-    def __init__(self, url: str | None, db_path: str | Path, backoff: tuple[float, ...] = BACKOFF) -> None:
+    def __init__(self, url: str | None, db_path: str | Path, backoff: tuple[float, ...] = BACKOFF,
+                 resend_undelivered: bool = False) -> None:
         self.url = url
         self.db_path = Path(db_path)
         self.backoff = backoff
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        if resend_undelivered and url:
+            # Alerts a stopped process could not deliver: first in line (the thread reads the database).
+            self._queue.put({"_resend": True})
         self._thread = threading.Thread(target=self._run, name="usage-alerts", daemon=True)
         self._thread.start()
 
@@ -140,12 +147,22 @@ class WebhookSender:
                 break
             if not self.url:
                 continue
+            if alert.get("_resend"):
+                try:
+                    db = db or store.connect(self.db_path)
+                    for row in self._undelivered(db):
+                        self._queue.put(row)
+                except sqlite3.Error as exc:
+                    log.warning("usage: could not read undelivered alerts: %s", exc)
+                    db = None
+                continue
             delivered, attempts, error = self._deliver(alert)
             try:
                 db = db or store.connect(self.db_path)
                 with db.conn:
                     db.conn.execute(
-                        "UPDATE alerts SET delivered = ?, attempts = ?, last_error = ? WHERE id = ?",
+                        "UPDATE alerts SET delivered = ?, attempts = COALESCE(attempts, 0) + ?, last_error = ?"
+                        " WHERE id = ?",
                         (int(delivered), attempts, error, alert["id"]),
                     )
             except sqlite3.Error as exc:
@@ -153,6 +170,31 @@ class WebhookSender:
                 db = None
         if db is not None:
             db.conn.close()
+
+    @staticmethod
+    def _undelivered(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+        """Recent alerts with delivered = 0, oldest first. Each is claimed (last_error marked, in one
+        statement that checks it is unchanged), so that of several proxies starting together one sends it."""
+        since = iso_utc(datetime.fromtimestamp(time.time() - RESEND_WITHIN, timezone.utc))
+        try:
+            rows = db.conn.execute(
+                'SELECT id, ts, pool, key_id, window_start, threshold, used, "limit", message, attempts, last_error'
+                " FROM alerts WHERE delivered = 0 AND ts >= ? ORDER BY id", (since,)).fetchall()
+        except sqlite3.OperationalError:  # no alerts table yet
+            return []
+        claimed = []
+        mark = f"sending again (process {os.getpid()}, {iso_utc(datetime.now(timezone.utc))})"
+        for row_id, ts, pool, key_id, window_start, threshold, used, limit, message, attempts, error in rows:
+            with db.conn:
+                cursor = db.conn.execute(
+                    "UPDATE alerts SET last_error = ? WHERE id = ? AND delivered = 0 AND attempts IS ?"
+                    " AND last_error IS ?", (mark, row_id, attempts, error))
+            if cursor.rowcount == 1:
+                claimed.append({"id": row_id, "ts": ts, "pool": pool, "key_id": key_id, "window_start": window_start,
+                                "threshold": threshold, "used": used, "limit": limit, "message": message})
+        if claimed:
+            log.warning("usage: sending %d alert(s) again that were not delivered before", len(claimed))
+        return claimed
 
     def _deliver(self, alert: dict[str, Any]) -> tuple[bool, int, str | None]:
         payload = {

@@ -84,7 +84,7 @@ class Limits:
         with self._pending_lock:
             self._pending, self._drain_scheduled = [], False
         webhook = ctx.options.usage_alert_webhook or config.webhook
-        self.sender = WebhookSender(webhook, ctx.options.usage_db) if webhook else None
+        self.sender = WebhookSender(webhook, ctx.options.usage_db, resend_undelivered=True) if webhook else None
         self.alerts = AlertEvaluator(self.sender)
         self.ledger = Ledger(ctx.options.usage_db, config)
         self.executor.submit(self._publish)
