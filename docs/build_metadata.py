@@ -195,6 +195,87 @@ SELECT {label_sql} AS {category}, coalesce(sum(total_tokens), 0) AS tokens, roun
     }
 
 
+# The configured time zone (pools are published with it), for times shown on the dashboard.
+TZ = "(SELECT coalesce(max(timezone), 'UTC') FROM pools)"
+
+# Today, per local hour, for each limited calendar-window pool: tokens used in the window so far (as % of the
+# limit, so that pools of any size share the axis), and the projection at the last hour's pace to where it runs
+# out (exhausted_at), else to the window's end or midnight, from the same status the proxy and the API compute.
+TODAY_BY_HOUR = """WITH s AS (
+  SELECT json_extract(value, '$.pool') AS pool, json_extract(value, '$.limit') AS lim,
+         json_extract(value, '$.used') AS used, json_extract(value, '$.pace_per_hour') AS pace,
+         json_extract(value, '$.window_start') AS counting_start, json_extract(value, '$.resets_at') AS resets_at,
+         json_extract(value, '$.exhausted_at') AS exhausted_at, json_extract(value, '$.timezone') AS tz
+    FROM json_each(usage_status_json())
+   WHERE json_extract(value, '$.key_id') IS NULL AND json_extract(value, '$.limit') > 0
+     AND json_extract(value, '$.window') NOT LIKE 'rolling:%'
+),
+d AS (
+  SELECT *, usage_local_time(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), tz) AS now_local,
+         substr(usage_local_time(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), tz), 1, 10) || ' 00:00:00' AS midnight,
+         usage_local_time(counting_start, tz) AS start_local, usage_local_time(resets_at, tz) AS resets_local,
+         usage_local_time(exhausted_at, tz) AS exhausted_local
+    FROM s
+),
+h AS (
+  SELECT d.pool, substr(usage_local_time(r.ts, d.tz), 1, 13) || ':00:00' AS hour, sum(r.total_tokens) AS tokens
+    FROM d JOIN requests r ON r.pool = d.pool
+   WHERE r.ts >= d.counting_start AND r.total_tokens IS NOT NULL AND usage_local_time(r.ts, d.tz) >= d.midnight
+   GROUP BY 1, 2
+),
+b AS (
+  SELECT d.*, d.used - coalesce((SELECT sum(tokens) FROM h WHERE h.pool = d.pool), 0) AS before_today,
+         -- The projection ends where the pool runs out, else at the reset or midnight, whichever is first.
+         min(coalesce(d.exhausted_local, d.resets_local), d.resets_local,
+             strftime('%Y-%m-%d %H:%M:%S', d.midnight, '+1 day')) AS horizon
+    FROM d
+),
+points AS (
+  SELECT pool, 'used' AS series, max(midnight, start_local) AS time, before_today AS tokens, lim, exhausted_local
+    FROM b
+  UNION ALL
+  SELECT h.pool, 'used', min(strftime('%Y-%m-%d %H:%M:%S', h.hour, '+1 hour'), b.now_local),
+         b.before_today + sum(h.tokens) OVER (PARTITION BY h.pool ORDER BY h.hour), b.lim, b.exhausted_local
+    FROM h JOIN b ON b.pool = h.pool
+  UNION ALL
+  SELECT pool, 'used', now_local, used, lim, exhausted_local FROM b
+  UNION ALL
+  SELECT pool, 'projection', now_local, used, lim, exhausted_local FROM b
+  UNION ALL
+  SELECT pool, 'projection', horizon,
+         used + CAST(round(pace * (julianday(horizon) - julianday(now_local)) * 24) AS INTEGER), lim, exhausted_local
+    FROM b
+)
+SELECT pool, series, replace(time, ' ', 'T') AS time, tokens, lim AS "limit",
+       round(100.0 * tokens / lim, 2) AS percentage, coalesce(exhausted_local, 'not before the reset') AS runs_out
+  FROM points
+ ORDER BY pool, series, time"""
+
+_TODAY_TOOLTIP = [
+    {"field": "pool", "type": "nominal"},
+    {"field": "series", "type": "nominal"},
+    {"field": "time", "type": "temporal", "format": "%H:%M"},
+    {"field": "tokens", "type": "quantitative", "format": ","},
+    {"field": "limit", "type": "quantitative", "format": ","},
+    {"field": "percentage", "type": "quantitative", "title": "% of limit"},
+    {"field": "runs_out", "type": "nominal", "title": "runs out (local)"},
+]
+_TODAY_X = {"field": "time", "type": "temporal", "title": None, "axis": {"format": "%H:%M"}}
+_TODAY_Y = {"field": "percentage", "type": "quantitative", "title": "% of limit"}
+
+ALERTS_PANEL = f"""WITH recent AS (
+  SELECT usage_local_time(ts, {TZ}) AS "time", pool, coalesce(label, key_id) AS "key",
+         CASE WHEN threshold IS NULL THEN 'forecast' ELSE printf('%g %%', threshold) END AS threshold,
+         used, "limit", CASE delivered WHEN 1 THEN 'yes' ELSE 'no' END AS delivered, message
+    FROM alerts LEFT JOIN (SELECT key_id AS k, label FROM key_limits GROUP BY key_id) ON k = alerts.key_id
+   ORDER BY alerts.id DESC LIMIT 20
+)
+SELECT * FROM recent
+UNION ALL
+SELECT 'no alerts yet', NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE NOT EXISTS (SELECT 1 FROM recent)"""
+
+KEY_LIMITS_PANEL = f"""SELECT pool || ' / ' || coalesce(label, key_id) AS scope, * FROM ({KEY_STATUS})"""
+
 DASHBOARD: dict[str, Any] = {
     "title": "OpenAI usage",
     "description": "Tokens, pools, costs and blocked requests metered by the proxy. "
@@ -202,8 +283,11 @@ DASHBOARD: dict[str, Any] = {
     "settings": {"allow_fullscreen": True, "autorefresh": 1 / 6},
     "layout": [
         ["tokens-today", "cost-today", "requests-today", "blocked-today"],
-        ["pools-today", "pools-today", "tokens-per-day", "tokens-per-day"],
-        ["cost-per-day", "cost-per-day", "top-models", "top-keys"],
+        ["today-by-hour", "today-by-hour", "pools-today", "pools-today"],
+        ["today-by-hour", "today-by-hour", "key-limits", "key-limits"],
+        ["tokens-per-day", "tokens-per-day", "cost-per-day", "cost-per-day"],
+        ["cost-by-user", "cost-by-user", "top-models", "top-keys"],
+        ["alerts", "alerts", "alerts", "alerts"],
         ["recent-blocked", "recent-blocked", "recent-blocked", "recent-blocked"],
     ],
     "filters": {
@@ -257,6 +341,104 @@ DASHBOARD: dict[str, Any] = {
                 ],
             },
         },
+        "today-by-hour": {
+            "title": "Today by hour: each pool's use of its limit (day, week and month pools), and where it is "
+                     "heading at the last hour's pace (dashed, to where it runs out)",
+            "db": DB,
+            "query": TODAY_BY_HOUR,
+            "library": "vega-lite",
+            "display": {
+                "height": 300,
+                "layer": [
+                    {
+                        "transform": [{"filter": "datum.series == 'used'"}],
+                        "mark": {"type": "line", "point": True, "tooltip": True, "interpolate": "monotone"},
+                        "encoding": {"x": _TODAY_X, "y": _TODAY_Y, "color": {"field": "pool", "type": "nominal"},
+                                     "tooltip": _TODAY_TOOLTIP},
+                    },
+                    {
+                        "transform": [{"filter": "datum.series == 'projection'"}],
+                        "mark": {"type": "line", "strokeDash": [6, 4], "point": False, "tooltip": True},
+                        "encoding": {"x": _TODAY_X, "y": _TODAY_Y, "color": {"field": "pool", "type": "nominal"},
+                                     "tooltip": _TODAY_TOOLTIP},
+                    },
+                    {
+                        "mark": {"type": "rule", "color": "#d62728", "strokeWidth": 1.5},
+                        "encoding": {"y": {"datum": 100}},
+                    },
+                    {
+                        "mark": {"type": "text", "align": "left", "dx": 4, "dy": -6, "color": "#d62728"},
+                        "encoding": {"y": {"datum": 100}, "x": {"aggregate": "min", "field": "time",
+                                                                "type": "temporal"},
+                                     "text": {"value": "limit"}},
+                    },
+                ],
+            },
+        },
+        "key-limits": {
+            "title": "Keys with their own limits: share used in the current window",
+            "db": DB,
+            "query": KEY_LIMITS_PANEL,
+            "library": "vega-lite",
+            "display": {
+                "height": {"step": 30},
+                "transform": [{"calculate": "format(datum.used, ',') + ' of ' + format(datum.limit, ',')",
+                               "as": "label"}],
+                "encoding": {
+                    "y": {"field": "scope", "type": "nominal", "title": None},
+                    "x": {"field": "percentage", "type": "quantitative", "title": "% of the key's limit",
+                          "scale": {"domain": [0, 100], "clamp": True}},
+                    "tooltip": [
+                        {"field": "scope", "type": "nominal"},
+                        {"field": "used", "type": "quantitative", "format": ","},
+                        {"field": "limit", "type": "quantitative", "format": ","},
+                        {"field": "reserved", "type": "quantitative", "format": ","},
+                        {"field": "percentage", "type": "quantitative"},
+                        {"field": "resets_at", "type": "nominal"},
+                        {"field": "exhausted_at", "type": "nominal", "title": "runs out at (UTC)"},
+                    ],
+                },
+                "layer": [
+                    {"mark": {"type": "bar", "tooltip": True, "color": "#72b7b2"}},
+                    {"mark": {"type": "text", "align": "left", "dx": 4},
+                     "encoding": {"text": {"field": "label", "type": "nominal"}}},
+                ],
+            },
+        },
+        "cost-by-user": {
+            "title": "Cost by user per day (USD)",
+            "db": DB,
+            "query": f"""{RANGE}
+SELECT day, coalesce(label, 'key ' || key_hint, '(no key)') AS user, round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
+       coalesce(sum(total_tokens), 0) AS tokens, count(*) AS requests
+  FROM requests, range
+ WHERE {RANGE_WHERE}
+ GROUP BY 1, 2 ORDER BY 1, 2""",
+            "library": "vega-lite",
+            "display": {
+                "height": 220,
+                "mark": {"type": "bar", "tooltip": True},
+                "encoding": {
+                    "x": {"field": "day", "type": "ordinal", "title": None},
+                    "y": {"field": "cost_usd", "type": "quantitative", "title": "USD", "stack": "zero"},
+                    "color": {"field": "user", "type": "nominal"},
+                    "tooltip": [
+                        {"field": "day", "type": "ordinal"},
+                        {"field": "user", "type": "nominal"},
+                        {"field": "cost_usd", "type": "quantitative", "title": "cost (USD)", "format": ".6f"},
+                        {"field": "tokens", "type": "quantitative", "format": ","},
+                        {"field": "requests", "type": "quantitative"},
+                    ],
+                },
+            },
+        },
+        "alerts": {
+            "title": "Latest alerts (times in the configured time zone)",
+            "db": DB,
+            "query": ALERTS_PANEL,
+            "library": "table",
+            "display": {},
+        },
         "tokens-per-day": {
             "title": "Tokens per day, by pool",
             "db": DB,
@@ -304,11 +486,11 @@ SELECT day, round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
         "top-keys": _bars("tokens", "Top keys (tokens)", "key",
                           "coalesce(label, key_hint, key_id, '(no key)')"),
         "recent-blocked": {
-            "title": "Recent blocked requests",
+            "title": "Recent blocked requests (times in the configured time zone)",
             "db": DB,
             "query": f"""{RANGE},
 blocked AS (
-  SELECT ts, model, pool, coalesce(label, key_hint) AS "key", status, error
+  SELECT usage_local_time(ts, {TZ}) AS "time", model, pool, coalesce(label, key_hint) AS "key", status, error
     FROM requests, range
    WHERE outcome = 'blocked' AND {RANGE_WHERE}
    ORDER BY id DESC LIMIT 20

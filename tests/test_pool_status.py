@@ -224,3 +224,34 @@ def test_forecast_with_an_injected_clock(tmp_path, clock, rows, expected):
     ((text,),) = conn.execute("SELECT usage_status_json(?)", (iso_utc(now),)).fetchall()
     conn.close()
     assert json.loads(text) == [pool_status.as_row(status)]
+
+
+def test_dashboard_today_by_hour_follows_the_status(tmp_path):
+    """The dashboard's hourly chart ends at the status's `used` and projects to where the pool runs out."""
+    from test_datasette_helpers import metadata
+
+    now = datetime.now(timezone.utc)
+    path, config = build(tmp_path, now)
+    sql = metadata()["plugins"]["datasette-dashboards"]["usage"]["charts"]["today-by-hour"]["query"]
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    register_functions(conn)
+    try:
+        points = [dict(r) for r in conn.execute(sql)]
+        (status,) = [s for s in pool_status.statuses(conn, pool_status.published_scopes(conn), now)
+                     if s.pool == "premium" and s.key_id is None]
+    finally:
+        conn.close()
+    premium = [p for p in points if p["pool"] == "premium"]
+    assert {p["pool"] for p in points} == {"premium"}  # mini is rolling, other has no limit
+    used = [p for p in premium if p["series"] == "used"]
+    assert used[0]["tokens"] == 0  # counting starts at the reset, 40 minutes ago
+    assert used[-1]["tokens"] == status.used == 1_250
+    assert [p["tokens"] for p in used] == sorted(p["tokens"] for p in used)
+    start, end = [p for p in premium if p["series"] == "projection"]
+    assert start["tokens"] == 1_250
+    # At 2,250 tokens an hour, 3,550 remain (200 reserved): it runs out about 95 minutes from now.
+    assert status.exhausted_at is not None
+    assert end["time"] == status.exhausted_at.astimezone(pool_status.ZoneInfo("Europe/Paris")).strftime(
+        "%Y-%m-%dT%H:%M:%S")
+    assert end["tokens"] == pytest.approx(5_000 - 200, abs=2)
