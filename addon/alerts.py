@@ -48,6 +48,14 @@ def alert_message(pool: str, key_id: str | None, label: str | None, threshold: f
             f"{used:,} of {limit:,} tokens used{reset}.")
 
 
+def forecast_message(status: Any, now: datetime) -> str:
+    who = f" for {getattr(status, 'label', None) or 'key ' + str(status.key_id)}" if status.key_id else ""
+    stamp = lambda moment: iso_utc(moment).replace(".000Z", "Z")  # noqa: E731
+    return (f"Pool '{status.pool}'{who} is on pace to run out at {stamp(status.exhausted_at)}, before it resets at "
+            f"{stamp(status.resets_at)}: {status.used:,} of {status.limit:,} tokens used, "
+            f"{status.pace_per_hour:,} in the last hour.")
+
+
 class AlertEvaluator:
     """Turns pool statuses into alert rows; lives on the ledger thread."""
 
@@ -67,12 +75,19 @@ class AlertEvaluator:
         return True
 
     def evaluate(self, db: sqlite_utils.Database, statuses: Iterable[Any], thresholds: dict[str, tuple[float, ...]],
-                 now: datetime) -> list[dict[str, Any]]:
+                 now: datetime, forecast: bool = False) -> list[dict[str, Any]]:
         fired = []
         for status in statuses:
             if not status.limit:
                 continue
             window_start = iso_utc(status.window_start)
+            if forecast and self._on_pace_to_run_out(status, now):
+                # Once per window (a rolling window has none to key it by: no forecast alerts there).
+                message = forecast_message(status, now)
+                row = self._fire(db, status, window_start, None, f"{status.pool}|{status.key_id or ''}|"
+                                 f"{window_start}|forecast", message, now)
+                if row is not None:
+                    fired.append(row)
             # Rows only: reservations are estimates (and spare tokens of
             # leases), not usage; a finished request's row lands within ms.
             used = status.used
@@ -84,37 +99,51 @@ class AlertEvaluator:
                 if percentage < threshold:
                     continue
                 dedupe = f"{status.pool}|{status.key_id or ''}|{window_start}|{threshold:g}"
-                if dedupe in self.fired:
-                    continue
-                self.fired.add(dedupe)
-                row = {
-                    "ts": iso_utc(now),
-                    "pool": status.pool,
-                    "key_id": status.key_id,
-                    "window_start": window_start,
-                    "threshold": threshold,
-                    "used": used,
-                    "limit": status.limit,
-                    "message": alert_message(status.pool, status.key_id, getattr(status, "label", None), threshold,
-                                             used, status.limit, status.window, status.resets_at),
-                    "delivered": 0,
-                    "attempts": 0,
-                    "dedupe": dedupe,
-                }
-                cursor = db.conn.execute(
-                    "INSERT OR IGNORE INTO alerts (ts, pool, key_id, window_start, threshold, used, \"limit\", message,"
-                    " delivered, attempts, dedupe) VALUES (:ts, :pool, :key_id, :window_start, :threshold, :used,"
-                    " :limit, :message, :delivered, :attempts, :dedupe)",
-                    row,
-                )
-                if cursor.rowcount != 1:
-                    continue  # another proxy process fired it first
-                row["id"] = cursor.lastrowid
-                log.warning("usage alert: %s", row["message"])
-                fired.append(row)
-                if self.sender is not None:
-                    self.sender.send(row)
+                message = alert_message(status.pool, status.key_id, getattr(status, "label", None), threshold,
+                                        used, status.limit, status.window, status.resets_at)
+                row = self._fire(db, status, window_start, threshold, dedupe, message, now)
+                if row is not None:
+                    fired.append(row)
         return fired
+
+    @staticmethod
+    def _on_pace_to_run_out(status: Any, now: datetime) -> bool:
+        exhausted_at = getattr(status, "exhausted_at", None)
+        return (exhausted_at is not None and exhausted_at > now and status.used < status.limit
+                and status.resets_at is not None and not status.window.startswith("rolling:"))
+
+    def _fire(self, db: sqlite_utils.Database, status: Any, window_start: str, threshold: float | None, dedupe: str,
+              message: str, now: datetime) -> dict[str, Any] | None:
+        """Record the alert (once across processes) and hand it to the webhook; None when fired before."""
+        if dedupe in self.fired:
+            return None
+        self.fired.add(dedupe)
+        row = {
+            "ts": iso_utc(now),
+            "pool": status.pool,
+            "key_id": status.key_id,
+            "window_start": window_start,
+            "threshold": threshold,  # None: a forecast
+            "used": status.used,
+            "limit": status.limit,
+            "message": message,
+            "delivered": 0,
+            "attempts": 0,
+            "dedupe": dedupe,
+        }
+        cursor = db.conn.execute(
+            "INSERT OR IGNORE INTO alerts (ts, pool, key_id, window_start, threshold, used, \"limit\", message,"
+            " delivered, attempts, dedupe) VALUES (:ts, :pool, :key_id, :window_start, :threshold, :used,"
+            " :limit, :message, :delivered, :attempts, :dedupe)",
+            row,
+        )
+        if cursor.rowcount != 1:
+            return None  # another proxy process fired it first
+        row["id"] = cursor.lastrowid
+        log.warning("usage alert: %s", row["message"])
+        if self.sender is not None:
+            self.sender.send(row)
+        return row
 
 
 class WebhookSender:

@@ -185,7 +185,7 @@ async def alerts(request, datasette):
         out.append({
             "id": row["id"],
             "timestamp": _ms(pool_status.parse_ts(row["ts"])),
-            "tier": int(row["threshold"]) if float(row["threshold"]).is_integer() else row["threshold"],
+            "tier": _tier(row["threshold"]),
             "tokens_used": row["used"],
             "limit_value": limit,
             "percentage": round(100.0 * row["used"] / limit, 2) if limit else None,
@@ -196,6 +196,12 @@ async def alerts(request, datasette):
             "key_id": row["key_id"],
         })
     return Response.json({"alerts": out, "count": len(out)})
+
+
+def _tier(threshold: float | None) -> float | int | str:
+    if threshold is None:
+        return "forecast"
+    return int(threshold) if float(threshold).is_integer() else threshold
 
 
 async def poll(request, datasette):

@@ -255,3 +255,30 @@ def test_dashboard_today_by_hour_follows_the_status(tmp_path):
     assert end["time"] == status.exhausted_at.astimezone(pool_status.ZoneInfo("Europe/Paris")).strftime(
         "%Y-%m-%dT%H:%M:%S")
     assert end["tokens"] == pytest.approx(5_000 - 200, abs=2)
+
+
+def test_forecast_alert_fires_once_when_switched_on(tmp_path):
+    from addon.alerts import AlertEvaluator, ensure_dedupe_index
+
+    now = datetime(2026, 11, 30, 10, tzinfo=timezone.utc)
+    path = _at(now, [(timedelta(hours=3), 1_000), (timedelta(minutes=30), 500)], tmp_path)
+    config = config_mod.parse('[alerts]\nforecast = true\nthresholds = [90]\n'
+                              '[pools.p]\nlimit = 5000\nwindow = "day"\nmodels = ["gpt-4o"]\n')
+    assert config.forecast_alerts
+    assert not config_mod.parse('[pools.p]\nmodels = []\n').forecast_alerts
+    with pytest.raises(config_mod.ConfigError, match="forecast"):
+        config_mod.parse('[alerts]\nforecast = "yes"\n[pools.p]\nmodels = []\n')
+    ledger = Ledger(path, config, clock=lambda: now)
+    try:
+        ensure_dedupe_index(ledger.db)
+        thresholds = {"p": config.pools["p"].thresholds}
+        assert AlertEvaluator(None).evaluate(ledger.db, ledger.status(), thresholds, now) == []  # off by default
+        evaluator = AlertEvaluator(None)
+        (alert,) = evaluator.evaluate(ledger.db, ledger.status(), thresholds, now, forecast=True)
+        assert alert["threshold"] is None and alert["dedupe"].endswith("|forecast")
+        assert "run out at 2026-11-30T17:00:00Z" in alert["message"] and "500 in the last hour" in alert["message"]
+        assert evaluator.evaluate(ledger.db, ledger.status(), thresholds, now, forecast=True) == []
+        # Another process (a new evaluator) does not fire it again either: the dedupe index.
+        assert AlertEvaluator(None).evaluate(ledger.db, ledger.status(), thresholds, now, forecast=True) == []
+    finally:
+        ledger.close()
