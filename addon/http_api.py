@@ -74,6 +74,15 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
+async def _forbidden(request, datasette) -> Response | None:
+    """None when the actor may read the database: the read routes follow Datasette's own `allow` rules."""
+    db = _db(datasette)
+    for action, resource in (("view-instance", None), ("view-database", db.name)):
+        if not await datasette.permission_allowed(request.actor, action, resource, default=True):
+            return _error(403, "not allowed to read this database (log in first)")
+    return None
+
+
 async def _statuses(datasette) -> list[dict[str, Any]]:
     # One statement: the status is computed inside one read transaction.
     result = await _db(datasette).execute("SELECT usage_status_json() AS s")
@@ -96,6 +105,8 @@ async def health(request, datasette):
 
 
 async def usage(request, datasette):
+    if forbidden := await _forbidden(request, datasette):
+        return forbidden
     statuses = await _statuses(datasette)
     now = utc_now()
     body: dict[str, Any] = {"date": now.astimezone(_tz_of(statuses)).date().isoformat()}
@@ -118,6 +129,8 @@ async def usage(request, datasette):
 
 
 async def history(request, datasette):
+    if forbidden := await _forbidden(request, datasette):
+        return forbidden
     days = _days(request)
     if isinstance(days, Response):
         return days
@@ -170,6 +183,8 @@ async def history(request, datasette):
 
 
 async def alerts(request, datasette):
+    if forbidden := await _forbidden(request, datasette):
+        return forbidden
     days = _days(request)
     if isinstance(days, Response):
         return days
@@ -207,6 +222,8 @@ def _tier(threshold: float | None) -> float | int | str:
 async def poll(request, datasette):
     if request.method != "POST":
         return _error(405, "use POST", allow="POST")
+    if forbidden := await _forbidden(request, datasette):
+        return forbidden
     key = os.environ.get("OPENAI_ADMIN_KEY", "")
     if not key:
         return _error(400, "no OpenAI admin key configured: set OPENAI_ADMIN_KEY (sk-admin-...) in the environment "

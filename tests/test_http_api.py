@@ -308,3 +308,54 @@ def test_without_token_admin_is_off_poll_explains_and_console_is_quiet(tmp_path,
         assert "Admin API:  off" in text
     finally:
         run.stop()
+
+
+def test_read_routes_follow_datasettes_allow(tmp_path):
+    """With `"allow"` at the top level (README, Before exposing Datasette), the old API is not readable either."""
+    from test_datasette_helpers import Datasette, metadata
+
+    from addon import config as config_mod
+    from addon import store
+    from addon.limits import write_pools
+
+    db = store.connect(tmp_path / "usage.db")
+    store.migrate(db)
+    write_pools(db, config_mod.load(None))
+    db.conn.close()
+    locked = tmp_path / "metadata.json"
+    locked.write_text(json.dumps({**metadata(), "allow": {"id": "admin"}}))
+    ds = Datasette(tmp_path / "usage.db", tmp_path / "datasette.log", locked)
+    try:
+        for path in ("/api/usage", "/api/history", "/api/alerts", "/usage/status.json"):
+            assert ds.get(path)[0] == 403, path
+        status, body = ds.get("/health")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+    finally:
+        ds.stop()
+    open_ds = Datasette(tmp_path / "usage.db", tmp_path / "datasette-open.log")
+    try:
+        assert set(open_ds.json("/api/usage")) == {"date", "premium", "mini", "other", "last_updated"}
+    finally:
+        open_ds.stop()
+
+
+def test_token_is_compared_in_constant_time(monkeypatch):
+    """Every check goes through hmac.compare_digest on two SHA-256 digests: neither the content nor the
+    length of the presented token changes what is compared."""
+    import hmac
+
+    from addon import http_api
+
+    compared: list[tuple[int, int]] = []
+    original = hmac.compare_digest
+
+    def recording(a, b):
+        compared.append((len(a), len(b)))
+        return original(a, b)
+
+    monkeypatch.setattr(http_api.hmac, "compare_digest", recording)
+    for presented, expected in ((TOKEN, True), (TOKEN[:-1], False), ("", False), ("x" * 10_000, False),
+                                (TOKEN + "\u00e9", False)):
+        assert http_api.token_matches(presented, TOKEN) is expected
+    assert compared == [(32, 32)] * 5
+    assert http_api.token_matches(None, TOKEN) is False
