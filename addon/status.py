@@ -23,8 +23,10 @@ from .windows import utc_now
 def register(subparsers) -> None:
     status = subparsers.add_parser(
         "status", help="each pool's used / limit / remaining / reset time",
-        description="Print each pool's usage in its current window, as the proxy counts it "
-                    "(rows of the window; reserved: requests in flight and the proxies' spare lease tokens).",
+        description="Print each pool's (and each limited key's) usage in its current window, as the proxy counts "
+                    "it (rows of the window; reserved: requests in flight and the proxies' spare lease tokens), and "
+                    "when it runs out at the pace of the last hour. Reads the pools the proxy published to the "
+                    "database; --config overrides them.",
     )
     add_common(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")

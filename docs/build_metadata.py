@@ -609,6 +609,10 @@ def build() -> dict[str, Any]:
                         "counts in its window.",
                         "sort_desc": "ts",
                     },
+                    "key_limits": {
+                        "description": "Keys with a limit of their own in a pool (the config's [keys]), as the proxy "
+                        "last loaded them.",
+                    },
                     "pool_windows": {"hidden": True},
                     "reservations": {"hidden": True},
                     "issued_keys": {"hidden": True},
