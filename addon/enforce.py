@@ -160,7 +160,8 @@ class Limits:
         config = ledger.config
         thresholds = {name: pool.thresholds for name, pool in config.pools.items()}
         # Autocommit: the write lock is taken only when an alert actually fires.
-        alerts.evaluate(ledger.db, ledger.status(), thresholds, ledger.clock(), forecast=config.forecast_alerts)
+        forecast = config.forecast_alerts
+        alerts.evaluate(ledger.db, ledger.status(forecast=forecast), thresholds, ledger.clock(), forecast=forecast)
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """Decide every admission waiting now, in one transaction (ledger thread)."""

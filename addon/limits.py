@@ -629,12 +629,20 @@ class Ledger:
     def add_reset(self, pool: str, key_id: str | None = None, note: str | None = None) -> str:
         return record_reset(self.db.conn, pool, key_id, note, self.clock())
 
-    def status(self) -> list[PoolStatus]:
-        """Every pool (and every key with its own limit) as of now, as pool_status computes it for everyone."""
+    def status(self, forecast: bool = True) -> list[PoolStatus]:
+        """Every pool (and every key with its own limit) as of now, as pool_status computes it for everyone,
+        with this ledger's counters for `used` (no recount); `forecast=False` skips exhausted_at."""
+        now = self.clock()
         conn = self.db.conn
         conn.execute("BEGIN")
         try:
-            return pool_status.statuses(conn, pool_status.config_scopes(self.config), self.clock())
+            self._refresh(now)
+
+            def counted(scope: pool_status.Scope, start: datetime, end: datetime | None) -> int:
+                return self._counter(self.config.pools[scope.pool], scope.key_id, now).total
+
+            return pool_status.statuses(conn, pool_status.config_scopes(self.config), now, resets=self._resets,
+                                        counted=counted, forecast=forecast)
         finally:
             conn.execute("COMMIT")
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -198,7 +198,7 @@ def reserved_by_scope(conn: sqlite3.Connection, now: datetime) -> dict[ScopeKey,
     return totals
 
 
-def forecast(remaining: int | None, pace_per_hour: int, now: datetime, resets_at: datetime | None) -> datetime | None:
+def exhaustion(remaining: int | None, pace_per_hour: int, now: datetime, resets_at: datetime | None) -> datetime | None:
     """When `remaining` runs out at `pace_per_hour`; None when never before resets_at."""
     if remaining is None:
         return None
@@ -210,11 +210,18 @@ def forecast(remaining: int | None, pace_per_hour: int, now: datetime, resets_at
     return None if resets_at is not None and moment >= resets_at else moment
 
 
+# A cached equivalent of used_in(conn, pool, key, start, end) (the ledger's incremental counters).
+Counted = Callable[[Scope, datetime, datetime | None], int]
+
+
 def status_of(conn: sqlite3.Connection, scope: Scope, now: datetime, resets: dict[ScopeKey, list[datetime]],
-              reserved: dict[ScopeKey, int]) -> PoolStatus:
+              reserved: dict[ScopeKey, int], counted: Counted | None = None, forecast: bool = True) -> PoolStatus:
     start, end, _ = counting_bounds(scope.window, scope.tz, now, resets, scope.pool, scope.key_id)
     rolling = scope.window.rolling_hours
-    used = used_in(conn, scope.pool, scope.key_id, start, None if rolling else end)
+    if counted is not None:
+        used = counted(scope, start, None if rolling else end)
+    else:
+        used = used_in(conn, scope.pool, scope.key_id, start, None if rolling else end)
     if rolling:
         where, params = _scope_where(scope.pool, scope.key_id)
         (oldest,) = conn.execute(f"SELECT MIN(ts) FROM requests WHERE {where} AND ts >= ? AND total_tokens > 0",
@@ -223,18 +230,28 @@ def status_of(conn: sqlite3.Connection, scope: Scope, now: datetime, resets: dic
     else:
         resets_at = end
     # Pace: the scope's tokens of the last hour, whatever window they fell in.
-    pace = used_in(conn, scope.pool, scope.key_id, now - PACE_PERIOD, now + timedelta(milliseconds=1))
+    pace = 0
+    if forecast:
+        pace = used_in(conn, scope.pool, scope.key_id, now - PACE_PERIOD, now + timedelta(milliseconds=1))
     status = PoolStatus(scope.pool, scope.key_id, scope.label, scope.window.kind, scope.limit, used,
                         reserved.get((scope.pool, scope.key_id), 0), start, resets_at, None, pace, scope.tz.key)
-    status.exhausted_at = forecast(status.remaining, pace, now, resets_at)
+    if forecast:
+        status.exhausted_at = exhaustion(status.remaining, pace, now, resets_at)
     return status
 
 
-def statuses(conn: sqlite3.Connection, scopes: Iterable[Scope], now: datetime) -> list[PoolStatus]:
-    """Every scope as of `now`; run it inside one read transaction for a consistent picture."""
-    resets = latest_resets(conn)
+def statuses(conn: sqlite3.Connection, scopes: Iterable[Scope], now: datetime, *,
+             resets: dict[ScopeKey, list[datetime]] | None = None, counted: Counted | None = None,
+             forecast: bool = True) -> list[PoolStatus]:
+    """Every scope as of `now`; run it inside one read transaction for a consistent picture.
+
+    The ledger passes the resets and the counts it keeps (`counted`, equal to used_in by construction and by
+    tests/test_pool_status.py) so that its once-a-second status costs no recount; `forecast=False` skips the
+    last hour's pace and exhausted_at.
+    """
+    resets = latest_resets(conn) if resets is None else resets
     reserved = reserved_by_scope(conn, now)
-    return [status_of(conn, scope, now, resets, reserved) for scope in scopes]
+    return [status_of(conn, scope, now, resets, reserved, counted, forecast) for scope in scopes]
 
 
 def as_row(status: PoolStatus) -> dict:
