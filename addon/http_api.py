@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import html
 import json
 import os
 from datetime import datetime, timedelta
@@ -404,6 +405,56 @@ async def key_usage(request, datasette):
     })
 
 
+# -- self-service keys (off by default) -----------------------------------------------
+SELF_SERVICE_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Your OpenAI key</title>
+<style>body{{font-family:sans-serif;max-width:40em;margin:3em auto}} code{{background:#eee;padding:.3em;
+word-break:break-all}} .error{{color:#b00}}</style></head>
+<body><h1>Your OpenAI key</h1>{body}</body></html>"""
+
+
+def _page(body: str, status: int = 200) -> Response:
+    return Response.html(SELF_SERVICE_PAGE.format(body=body), status=status)
+
+
+async def self_service(request, datasette):
+    """[issued_keys] self_service = true: anyone who reaches Datasette may create a key for a new label."""
+    config = _config()
+    settings = issued_keys.Settings.parse(config.issued_keys if config else {})
+    if not settings.self_service:
+        return _page("<p>Self-service keys are off (<code>[issued_keys] self_service = true</code> turns them "
+                     "on).</p>", 404)
+    csrftoken = request.scope["csrftoken"]() if "csrftoken" in request.scope else ""
+    form = ('<form method="post"><label>Your name <input name="label" required maxlength="100"></label> '
+            f'<input type="hidden" name="csrftoken" value="{html.escape(csrftoken)}">'
+            '<button>Create my key</button></form>'
+            "<p>The key is shown once. Usage and limits are counted under your name.</p>")
+    if request.method != "POST":
+        return _page(form)
+    label = ((await request.post_vars()).get("label") or "").strip()
+    if not label or len(label) > 100:
+        return _page('<p class="error">Give your name.</p>' + form, 400)
+
+    def write(conn):
+        db = sqlite_utils.Database(conn)
+        store.migrate(db)
+        # One active key per name: asking again does not hand out a second (an admin revokes the first).
+        if any(k.label == label and k.revoked_at is None for k in issued_keys.load_all(conn)):
+            return None
+        key, row = issued_keys.create(db, label, settings.prefix)
+        with conn:
+            conn.execute("UPDATE issued_keys SET note = ? WHERE key_hash = ?", ("self-service", row.key_hash))
+        return key, row
+
+    created = await _db(datasette).execute_write_fn(write)
+    if created is None:
+        return _page(f'<p class="error">{html.escape(label)} has a key already; ask an admin to revoke it for a '
+                     "new one.</p>", 409)
+    key, row = created
+    return _page(f"<p>Your key, <b>{html.escape(label)}</b> (shown only now):</p><p><code>{html.escape(key)}</code>"
+                 f"</p><p>key id {row.key_id}</p>", 201)
+
+
 ROUTES = [
     (r"^/health$", health),
     (r"^/api/usage$", usage),
@@ -414,4 +465,5 @@ ROUTES = [
     (r"^/admin/keys$", create_key),
     (r"^/admin/keys/(?P<key_id>[^/]+)/revoke$", revoke_key),
     (r"^/admin/usage/(?P<key_id>[^/]+)$", key_usage),
+    (r"^/-/keys$", self_service),
 ]

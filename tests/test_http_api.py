@@ -52,6 +52,7 @@ limits = {{ premium = 15_000 }}
 [issued_keys]
 enabled = true
 upstream_key_env = "OPENAI_API_KEY"
+self_service = true
 """
 
 
@@ -263,6 +264,34 @@ def test_admin_keys_create_use_usage_revoke(served):
     assert served.call("POST", "/admin/keys", {"note": "no label"}, AUTH)[0] == 400
 
 
+def test_self_service_key_page(served):
+    """[issued_keys] self_service = true: a form (with Datasette's CSRF token) hands out one key per name."""
+    import http.cookiejar
+    import re
+    import urllib.parse
+
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    url = f"http://127.0.0.1:{served.ui_port}/-/keys"
+    with opener.open(url, timeout=30) as response:
+        page = response.read().decode()
+    token = re.search(r'name="csrftoken" value="([^"]+)"', page).group(1)
+
+    def post(label: str, csrftoken: str = token) -> tuple[int, str]:
+        data = urllib.parse.urlencode({"label": label, "csrftoken": csrftoken}).encode()
+        try:
+            with opener.open(url, data=data, timeout=30) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    status, page = post("dave")
+    assert status == 201, page
+    key = re.search(r"<code>(sk-usr-[^<]+)</code>", page).group(1)
+    assert served.call("GET", f"/admin/usage/{key_id(key)}", headers=AUTH)[1]["label"] == "dave"
+    assert post("dave")[0] == 409  # one active key per name
+    assert post("eve", csrftoken="forged")[0] == 403  # Datasette's CSRF protection holds for the form
+
+
 def test_admin_usage_lists_key_limits(served):
     status, usage, _ = served.call("GET", f"/admin/usage/{BOB}", headers=AUTH)
     assert status == 200 and usage["label"] == "bob"
@@ -335,6 +364,7 @@ def test_read_routes_follow_datasettes_allow(tmp_path):
     open_ds = Datasette(tmp_path / "usage.db", tmp_path / "datasette-open.log")
     try:
         assert set(open_ds.json("/api/usage")) == {"date", "premium", "mini", "other", "last_updated"}
+        assert open_ds.get("/-/keys")[0] == 404  # self-service keys are off by default
     finally:
         open_ds.stop()
 
