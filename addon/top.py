@@ -218,10 +218,10 @@ def render(snap: Snapshot, db_name: str, height: int):
     parts.append(totals)
 
     gauges = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold cyan")
-    gauges.add_column("pool", width=10, no_wrap=True, overflow="ellipsis")
+    gauges.add_column("pool", width=13, no_wrap=True, overflow="ellipsis")  # pool/label for key limits
     gauges.add_column("", width=20)
     gauges.add_column("used", justify="right", width=6)
-    gauges.add_column("tokens / limit", justify="right", width=23, no_wrap=True)
+    gauges.add_column("tokens / limit", justify="right", width=20, no_wrap=True)
     gauges.add_column("resets", justify="right", width=12, no_wrap=True)
     for pool in snap.pools:
         name = pool.pool + (f"/{pool.label or pool.key_id}" if pool.key_id else "")

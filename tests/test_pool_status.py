@@ -282,3 +282,20 @@ def test_forecast_alert_fires_once_when_switched_on(tmp_path):
         assert AlertEvaluator(None).evaluate(ledger.db, ledger.status(), thresholds, now, forecast=True) == []
     finally:
         ledger.close()
+
+
+def test_top_shows_key_scopes_and_the_forecast(tmp_path):
+    from rich.console import Console
+
+    now = datetime.now(timezone.utc)
+    path, _ = build(tmp_path, now)
+    reader = top.Reader(path, None)
+    snap = reader.snapshot(5, 0)
+    reader.conn.close()
+    console = Console(record=True, width=80, color_system=None)
+    console.print(top.render(snap, "usage.db", 24))
+    text = console.export_text()
+    assert "premium/alice" in text and "mini/alice" in text
+    # premium runs out in about 95 minutes at the last hour's pace (see test_dashboard_today_by_hour...).
+    (line,) = [line for line in text.splitlines() if line.startswith("premium ")]
+    assert " out 1h3" in line or " out 1h2" in line, line
