@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds before each retry
 TIMEOUT = 5.0
+RESEND_WITHIN = 24 * 3600.0  # seconds: undelivered alerts younger than this are sent again at start-up
 
 
 def ensure_dedupe_index(db: sqlite_utils.Database) -> None:
@@ -43,6 +46,14 @@ def alert_message(pool: str, key_id: str | None, label: str | None, threshold: f
     reset = f"; resets {iso_utc(resets_at).replace('.000Z', 'Z')}" if resets_at else ""
     return (f"Pool '{pool}'{who} reached {threshold:g}% of its {window_phrase(window)} limit: "
             f"{used:,} of {limit:,} tokens used{reset}.")
+
+
+def forecast_message(status: Any, now: datetime) -> str:
+    who = f" for {getattr(status, 'label', None) or 'key ' + str(status.key_id)}" if status.key_id else ""
+    stamp = lambda moment: iso_utc(moment).replace(".000Z", "Z")  # noqa: E731
+    return (f"Pool '{status.pool}'{who} is on pace to run out at {stamp(status.exhausted_at)}, before it resets at "
+            f"{stamp(status.resets_at)}: {status.used:,} of {status.limit:,} tokens used, "
+            f"{status.pace_per_hour:,} in the last hour.")
 
 
 class AlertEvaluator:
@@ -64,12 +75,19 @@ class AlertEvaluator:
         return True
 
     def evaluate(self, db: sqlite_utils.Database, statuses: Iterable[Any], thresholds: dict[str, tuple[float, ...]],
-                 now: datetime) -> list[dict[str, Any]]:
+                 now: datetime, forecast: bool = False) -> list[dict[str, Any]]:
         fired = []
         for status in statuses:
             if not status.limit:
                 continue
             window_start = iso_utc(status.window_start)
+            if forecast and self._on_pace_to_run_out(status, now):
+                # Once per window (a rolling window has none to key it by: no forecast alerts there).
+                message = forecast_message(status, now)
+                row = self._fire(db, status, window_start, None, f"{status.pool}|{status.key_id or ''}|"
+                                 f"{window_start}|forecast", message, now)
+                if row is not None:
+                    fired.append(row)
             # Rows only: reservations are estimates (and spare tokens of
             # leases), not usage; a finished request's row lands within ms.
             used = status.used
@@ -81,47 +99,65 @@ class AlertEvaluator:
                 if percentage < threshold:
                     continue
                 dedupe = f"{status.pool}|{status.key_id or ''}|{window_start}|{threshold:g}"
-                if dedupe in self.fired:
-                    continue
-                self.fired.add(dedupe)
-                row = {
-                    "ts": iso_utc(now),
-                    "pool": status.pool,
-                    "key_id": status.key_id,
-                    "window_start": window_start,
-                    "threshold": threshold,
-                    "used": used,
-                    "limit": status.limit,
-                    "message": alert_message(status.pool, status.key_id, getattr(status, "label", None), threshold,
-                                             used, status.limit, status.window, status.resets_at),
-                    "delivered": 0,
-                    "attempts": 0,
-                    "dedupe": dedupe,
-                }
-                cursor = db.conn.execute(
-                    "INSERT OR IGNORE INTO alerts (ts, pool, key_id, window_start, threshold, used, \"limit\", message,"
-                    " delivered, attempts, dedupe) VALUES (:ts, :pool, :key_id, :window_start, :threshold, :used,"
-                    " :limit, :message, :delivered, :attempts, :dedupe)",
-                    row,
-                )
-                if cursor.rowcount != 1:
-                    continue  # another proxy process fired it first
-                row["id"] = cursor.lastrowid
-                log.warning("usage alert: %s", row["message"])
-                fired.append(row)
-                if self.sender is not None:
-                    self.sender.send(row)
+                message = alert_message(status.pool, status.key_id, getattr(status, "label", None), threshold,
+                                        used, status.limit, status.window, status.resets_at)
+                row = self._fire(db, status, window_start, threshold, dedupe, message, now)
+                if row is not None:
+                    fired.append(row)
         return fired
+
+    @staticmethod
+    def _on_pace_to_run_out(status: Any, now: datetime) -> bool:
+        exhausted_at = getattr(status, "exhausted_at", None)
+        return (exhausted_at is not None and exhausted_at > now and status.used < status.limit
+                and status.resets_at is not None and not status.window.startswith("rolling:"))
+
+    def _fire(self, db: sqlite_utils.Database, status: Any, window_start: str, threshold: float | None, dedupe: str,
+              message: str, now: datetime) -> dict[str, Any] | None:
+        """Record the alert (once across processes) and hand it to the webhook; None when fired before."""
+        if dedupe in self.fired:
+            return None
+        self.fired.add(dedupe)
+        row = {
+            "ts": iso_utc(now),
+            "pool": status.pool,
+            "key_id": status.key_id,
+            "window_start": window_start,
+            "threshold": threshold,  # None: a forecast
+            "used": status.used,
+            "limit": status.limit,
+            "message": message,
+            "delivered": 0,
+            "attempts": 0,
+            "dedupe": dedupe,
+        }
+        cursor = db.conn.execute(
+            "INSERT OR IGNORE INTO alerts (ts, pool, key_id, window_start, threshold, used, \"limit\", message,"
+            " delivered, attempts, dedupe) VALUES (:ts, :pool, :key_id, :window_start, :threshold, :used,"
+            " :limit, :message, :delivered, :attempts, :dedupe)",
+            row,
+        )
+        if cursor.rowcount != 1:
+            return None  # another proxy process fired it first
+        row["id"] = cursor.lastrowid
+        log.warning("usage alert: %s", row["message"])
+        if self.sender is not None:
+            self.sender.send(row)
+        return row
 
 
 class WebhookSender:
     """POSTs alerts to a webhook from its own thread, with retries."""
 
-    def __init__(self, url: str | None, db_path: str | Path, backoff: tuple[float, ...] = BACKOFF) -> None:
+    def __init__(self, url: str | None, db_path: str | Path, backoff: tuple[float, ...] = BACKOFF,
+                 resend_undelivered: bool = False) -> None:
         self.url = url
         self.db_path = Path(db_path)
         self.backoff = backoff
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        if resend_undelivered and url:
+            # Alerts a stopped process could not deliver: first in line (the thread reads the database).
+            self._queue.put({"_resend": True})
         self._thread = threading.Thread(target=self._run, name="usage-alerts", daemon=True)
         self._thread.start()
 
@@ -140,12 +176,22 @@ class WebhookSender:
                 break
             if not self.url:
                 continue
+            if alert.get("_resend"):
+                try:
+                    db = db or store.connect(self.db_path)
+                    for row in self._undelivered(db):
+                        self._queue.put(row)
+                except sqlite3.Error as exc:
+                    log.warning("usage: could not read undelivered alerts: %s", exc)
+                    db = None
+                continue
             delivered, attempts, error = self._deliver(alert)
             try:
                 db = db or store.connect(self.db_path)
                 with db.conn:
                     db.conn.execute(
-                        "UPDATE alerts SET delivered = ?, attempts = ?, last_error = ? WHERE id = ?",
+                        "UPDATE alerts SET delivered = ?, attempts = COALESCE(attempts, 0) + ?, last_error = ?"
+                        " WHERE id = ?",
                         (int(delivered), attempts, error, alert["id"]),
                     )
             except sqlite3.Error as exc:
@@ -153,6 +199,31 @@ class WebhookSender:
                 db = None
         if db is not None:
             db.conn.close()
+
+    @staticmethod
+    def _undelivered(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+        """Recent alerts with delivered = 0, oldest first. Each is claimed (last_error marked, in one
+        statement that checks it is unchanged), so that of several proxies starting together one sends it."""
+        since = iso_utc(datetime.fromtimestamp(time.time() - RESEND_WITHIN, timezone.utc))
+        try:
+            rows = db.conn.execute(
+                'SELECT id, ts, pool, key_id, window_start, threshold, used, "limit", message, attempts, last_error'
+                " FROM alerts WHERE delivered = 0 AND ts >= ? ORDER BY id", (since,)).fetchall()
+        except sqlite3.OperationalError:  # no alerts table yet
+            return []
+        claimed = []
+        mark = f"sending again (process {os.getpid()}, {iso_utc(datetime.now(timezone.utc))})"
+        for row_id, ts, pool, key_id, window_start, threshold, used, limit, message, attempts, error in rows:
+            with db.conn:
+                cursor = db.conn.execute(
+                    "UPDATE alerts SET last_error = ? WHERE id = ? AND delivered = 0 AND attempts IS ?"
+                    " AND last_error IS ?", (mark, row_id, attempts, error))
+            if cursor.rowcount == 1:
+                claimed.append({"id": row_id, "ts": ts, "pool": pool, "key_id": key_id, "window_start": window_start,
+                                "threshold": threshold, "used": used, "limit": limit, "message": message})
+        if claimed:
+            log.warning("usage: sending %d alert(s) again that were not delivered before", len(claimed))
+        return claimed
 
     def _deliver(self, alert: dict[str, Any]) -> tuple[bool, int, str | None]:
         payload = {

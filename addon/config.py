@@ -102,6 +102,7 @@ class Config:
     prices: dict[str, Price] = field(default_factory=dict)
     estimate_output_tokens: int = 1024
     issued_keys: dict[str, Any] = field(default_factory=dict)
+    forecast_alerts: bool = False  # [alerts] forecast: alert when a pool is on pace to run out before its reset
 
     @property
     def timezone_name(self) -> str:
@@ -191,7 +192,7 @@ class _Validator:
         alerts = data.get("alerts", {})
         if not isinstance(alerts, dict):
             raise self.fail("[alerts] must be a table", "alerts")
-        unknown_alert = set(alerts) - {"thresholds", "webhook"}
+        unknown_alert = set(alerts) - {"thresholds", "webhook", "forecast"}
         if unknown_alert:
             name = sorted(unknown_alert)[0]
             raise self.fail(f"unknown setting {name!r} in [alerts]", "alerts", name)
@@ -199,6 +200,9 @@ class _Validator:
         webhook = alerts.get("webhook")
         if webhook is not None and (not isinstance(webhook, str) or not webhook.startswith(("http://", "https://"))):
             raise self.fail("alerts.webhook must be an http(s) URL", "alerts", "webhook")
+        forecast = alerts.get("forecast", False)
+        if not isinstance(forecast, bool):
+            raise self.fail("alerts.forecast must be true or false", "alerts", "forecast")
 
         pools_data = data.get("pools")
         if not isinstance(pools_data, dict) or not pools_data:
@@ -237,6 +241,7 @@ class _Validator:
             pools=pools,
             keys=keys,
             webhook=webhook,
+            forecast_alerts=forecast,
             prices=prices,
             estimate_output_tokens=estimate,
             issued_keys=issued,

@@ -84,7 +84,7 @@ class Limits:
         with self._pending_lock:
             self._pending, self._drain_scheduled = [], False
         webhook = ctx.options.usage_alert_webhook or config.webhook
-        self.sender = WebhookSender(webhook, ctx.options.usage_db) if webhook else None
+        self.sender = WebhookSender(webhook, ctx.options.usage_db, resend_undelivered=True) if webhook else None
         self.alerts = AlertEvaluator(self.sender)
         self.ledger = Ledger(ctx.options.usage_db, config)
         self.executor.submit(self._publish)
@@ -160,7 +160,8 @@ class Limits:
         config = ledger.config
         thresholds = {name: pool.thresholds for name, pool in config.pools.items()}
         # Autocommit: the write lock is taken only when an alert actually fires.
-        alerts.evaluate(ledger.db, ledger.status(), thresholds, ledger.clock())
+        forecast = config.forecast_alerts
+        alerts.evaluate(ledger.db, ledger.status(forecast=forecast), thresholds, ledger.clock(), forecast=forecast)
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """Decide every admission waiting now, in one transaction (ledger thread)."""

@@ -39,14 +39,15 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
-from . import store
+from . import pool_status, store
 from .config import Config, Pool
+from .pool_status import PoolStatus, parse_ts
 from .windows import iso_utc, utc_now
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,6 @@ LEDGER_BUSY_TIMEOUT_MS = 2000
 WINDOW_DAYS_AHEAD = 400
 
 Clock = Callable[[], datetime]
-
-
-def parse_ts(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +118,7 @@ def write_pools(db: sqlite_utils.Database, config: Config, now: datetime | None 
     with db.conn:
         db.execute("DELETE FROM pools")
         db.execute("DELETE FROM pool_windows")
+        db.execute("DELETE FROM key_limits")
         db.table("pools").insert_all(
             [
                 {
@@ -136,6 +134,11 @@ def write_pools(db: sqlite_utils.Database, config: Config, now: datetime | None 
                 }
                 for pool in config.pools.values()
             ]
+        )
+        # Keys with their own limits, so that status, top and Datasette report them without the config.
+        db.table("key_limits").insert_all(
+            {"pool": pool, "key_id": rule.key_id, "label": rule.label, "limit": limit}
+            for rule in config.keys.values() for pool, limit in rule.limits.items()
         )
         # Keep a day of past windows so "today" still resolves just after start-up.
         for pool in config.pools.values():
@@ -212,27 +215,6 @@ class Decision:
     owner: str | None = None  # when admitted: the reservation row's owner
 
 
-@dataclass(slots=True)
-class PoolStatus:
-    pool: str
-    key_id: str | None
-    label: str | None
-    window: str
-    limit: int | None
-    used: int
-    reserved: int
-    window_start: datetime
-    resets_at: datetime | None
-
-    @property
-    def remaining(self) -> int | None:
-        return None if self.limit is None else max(self.limit - self.used - self.reserved, 0)
-
-    @property
-    def percentage(self) -> float | None:
-        return None if not self.limit else round(100.0 * self.used / self.limit, 2)
-
-
 class Ledger:
     """Admission and counters over one SQLite connection, used by one thread."""
 
@@ -253,7 +235,7 @@ class Ledger:
         self._moved = False
         self._last_id = 0
         self._last_reset_id: int | None = None
-        self._resets: dict[tuple[str, str | None], datetime] = {}
+        self._resets: dict[tuple[str, str | None], list[datetime]] = {}
         self._counters: dict[tuple[str, str | None], Counter] = {}
         # Leases are read and taken from by the event loop (admit_local) and
         # grown by the ledger thread: a lock, held for memory updates only.
@@ -574,14 +556,7 @@ class Ledger:
         conn = self.db.conn
         (reset_id,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM resets").fetchone()
         if reset_id != self._last_reset_id:
-            self._resets = {}
-            for ts, pool, key in conn.execute("SELECT ts, pool, key_id FROM resets ORDER BY id"):
-                try:
-                    moment = parse_ts(ts)
-                except (TypeError, ValueError):
-                    continue
-                if (pool, key) not in self._resets or moment > self._resets[(pool, key)]:
-                    self._resets[(pool, key)] = moment
+            self._resets = pool_status.latest_resets(conn)
             self._last_reset_id = reset_id
             self._counters.clear()  # recompute with the new anchors
         if not self._counters:
@@ -630,15 +605,7 @@ class Ledger:
 
     def effective_start(self, pool: Pool, key_id: str | None, now: datetime) -> tuple[datetime, datetime, datetime]:
         """(counting start, window end, window start) with resets applied."""
-        start, end = pool.window.bounds(now, self.config.timezone)
-        window_start = start
-        anchors = [self._resets.get((pool.name, None))]
-        if key_id is not None:
-            anchors.append(self._resets.get((pool.name, key_id)))
-        for anchor in anchors:
-            if anchor is not None and start <= anchor <= now:
-                start = anchor
-        return start, end, window_start
+        return pool_status.counting_bounds(pool.window, self.config.timezone, now, self._resets, pool.name, key_id)
 
     def _load(self, pool: Pool, key_id: str | None, now: datetime) -> Counter:
         start, end, window_start = self.effective_start(pool, key_id, now)
@@ -655,44 +622,36 @@ class Ledger:
                 counter.events.append((parse_ts(ts).timestamp(), tokens))
                 counter.total += tokens
         else:
-            sum_sql = sql.replace("SELECT ts, total_tokens", "SELECT COALESCE(SUM(total_tokens), 0)")
-            (total,) = self.db.conn.execute(sum_sql, params).fetchone()
-            counter.total = int(total)
+            counter.total = pool_status.used_in(self.db.conn, pool.name, key_id, start, end)
         return counter
 
     # -- resets and status ---------------------------------------------
     def add_reset(self, pool: str, key_id: str | None = None, note: str | None = None) -> str:
-        stamp = iso_utc(self.clock())
-        self.db.conn.execute(
-            "INSERT INTO resets (ts, pool, key_id, note) VALUES (?, ?, ?, ?)", (stamp, pool, key_id, note)
-        )
-        return stamp
+        return record_reset(self.db.conn, pool, key_id, note, self.clock())
 
-    def status(self) -> list[PoolStatus]:
-        """Every pool (and every key with its own limit) as of now."""
+    def status(self, forecast: bool = True) -> list[PoolStatus]:
+        """Every pool (and every key with its own limit) as of now, as pool_status computes it for everyone,
+        with this ledger's counters for `used` (no recount); `forecast=False` skips exhausted_at."""
         now = self.clock()
         conn = self.db.conn
         conn.execute("BEGIN")
         try:
             self._refresh(now)
-            reserved, _ = self._reserved()
-            result = []
-            for pool in self.config.pools.values():
-                scopes: list[tuple[str | None, int | None, str | None]] = [(None, pool.limit, None)]
-                for rule in self.config.keys.values():
-                    if pool.name in rule.limits:
-                        scopes.append((rule.key_id, rule.limits[pool.name], rule.label))
-                for key_id, limit, label in scopes:
-                    counter = self._counter(pool, key_id, now)
-                    result.append(
-                        PoolStatus(pool.name, key_id, label, pool.window.kind, limit, counter.total,
-                                   reserved.get((pool.name, key_id), 0),
-                                   counter.start,  # after a reset, counting starts there
-                                   None if pool.window.is_rolling else counter.end)
-                    )
+
+            def counted(scope: pool_status.Scope, start: datetime, end: datetime | None) -> int:
+                return self._counter(self.config.pools[scope.pool], scope.key_id, now).total
+
+            return pool_status.statuses(conn, pool_status.config_scopes(self.config), now, resets=self._resets,
+                                        counted=counted, forecast=forecast)
         finally:
             conn.execute("COMMIT")
-        return result
+
+
+def record_reset(conn: sqlite3.Connection, pool: str, key_id: str | None, note: str | None, now: datetime) -> str:
+    """A reset anchor: usage before `now` no longer counts in the pool's (or key's) window."""
+    stamp = iso_utc(now)
+    conn.execute("INSERT INTO resets (ts, pool, key_id, note) VALUES (?, ?, ?, ?)", (stamp, pool, key_id, note))
+    return stamp
 
 
 # ---------------------------------------------------------------------------

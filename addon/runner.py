@@ -74,7 +74,26 @@ def proxy_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--set", f"usage_config={Path(args.config).resolve()}"]
     if args.mode:
         cmd += ["--mode", args.mode]
+    if not getattr(args, "verbose", False):
+        # Quiet console: no line per request (flow_detail=1 would also print query-string credentials) nor
+        # per connection (info); warnings (alerts, database trouble) still show. Asked-for settings win.
+        for name, value in (("flow_detail", "0"), ("termlog_verbosity", "warn")):
+            if not any(name in arg for arg in args.mitmdump_args):
+                cmd += ["--set", f"{name}={value}"]
     return cmd + list(args.mitmdump_args)
+
+
+def datasette_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of Datasette: the plugin reads the config and the console setting from it."""
+    from .datasette_plugin import ACCESS_LOG_ENV
+    from .http_api import CONFIG_ENV
+
+    env = dict(os.environ)
+    if args.config:
+        env[CONFIG_ENV] = str(Path(args.config).resolve())
+    if not getattr(args, "verbose", False):
+        env[ACCESS_LOG_ENV] = "0"
+    return env
 
 
 def datasette_command(args: argparse.Namespace, metadata: Path) -> list[str]:
@@ -107,6 +126,9 @@ def banner(args: argparse.Namespace) -> str:
         f"Dashboard:  {ui}/-/dashboards/{name}",
         f"JSON API:   {ui}/{name}/status.json?_shape=array  (also history, alerts, by_model, by_key, recent, blocked)",
         f"Requests:   {ui}/{name}/requests",
+        f"HTTP API:   {ui}/api/usage  (also /health, /api/history, /api/alerts, POST /api/poll)",
+        "Admin API:  " + (f"{ui}/admin/keys, /api/reset/POOL (token: $USAGE_ADMIN_TOKEN)"
+                          if os.environ.get("USAGE_ADMIN_TOKEN") else "off (set USAGE_ADMIN_TOKEN to turn it on)"),
         "",
         "Ctrl-C stops both.",
     ]
@@ -157,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         # Ctrl-C reaches the children from the terminal too; here it only means "stop and wait".
         try:
             procs.append(subprocess.Popen(proxy_command(args), cwd=os.getcwd()))
-            procs.append(subprocess.Popen(datasette_command(args, metadata), cwd=os.getcwd()))
+            procs.append(subprocess.Popen(datasette_command(args, metadata), cwd=os.getcwd(),
+                                          env=datasette_env(args)))
             print(banner(args), flush=True)
             while True:
                 for proc, name in zip(procs, ("mitmdump", "datasette"), strict=True):
@@ -193,6 +216,8 @@ def register(subparsers) -> None:
     parser.add_argument("--datasette-port", type=int, default=8001, help="Datasette port (default 8001)")
     parser.add_argument("--datasette-arg", action="append", metavar="ARG",
                         help="extra argument for `datasette serve` (repeatable), e.g. --datasette-arg=--setting=...")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print a line per request (mitmdump flow_detail=1, Datasette's access log)")
     parser.add_argument("mitmdump_args", nargs=argparse.REMAINDER, metavar="-- MITMDUMP_ARGS",
                         help="passed to mitmdump as is")
     parser.set_defaults(func=_cmd_run)

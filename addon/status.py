@@ -7,21 +7,26 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from rich.console import Console
 from rich.table import Table
 
 from . import config as config_mod
+from . import pool_status, store
 from .cli import add_common
-from .limits import Ledger, PoolStatus
-from .windows import iso_utc
+from .limits import record_reset
+from .pool_status import PoolStatus
+from .windows import utc_now
 
 
 def register(subparsers) -> None:
     status = subparsers.add_parser(
         "status", help="each pool's used / limit / remaining / reset time",
-        description="Print each pool's usage in its current window, as the proxy counts it "
-                    "(rows of the window; reserved: requests in flight and the proxies' spare lease tokens).",
+        description="Print each pool's (and each limited key's) usage in its current window, as the proxy counts "
+                    "it (rows of the window; reserved: requests in flight and the proxies' spare lease tokens), and "
+                    "when it runs out at the pace of the last hour. Reads the pools the proxy published to the "
+                    "database; --config overrides them.",
     )
     add_common(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -33,65 +38,68 @@ def register(subparsers) -> None:
                     "(for one key with --key). Running proxies pick it up at their next request.",
     )
     add_common(reset)
-    reset.add_argument("pool", help="pool name from the config")
+    reset.add_argument("pool", help="pool name (as the proxy published it, or from --config)")
     reset.add_argument("--key", dest="key_id", help="reset only this key_id's count in the pool")
     reset.add_argument("--note", help="why (kept in the resets table)")
     reset.set_defaults(func=run_reset)
 
 
-def _ledger(args: argparse.Namespace) -> Ledger:
-    config = config_mod.load(args.config)
+def _open(args: argparse.Namespace, *, readonly: bool):
+    """The database and the config given with --config (None: what the proxy published)."""
+    config = config_mod.load(args.config) if args.config else None
     if not Path(args.db).exists():
         raise FileNotFoundError(f"{args.db}: no such database (start the proxy first, or pass --db)")
-    return Ledger(args.db, config)
+    return store.connect(args.db, readonly=readonly), config
 
 
-def status_rows(statuses: list[PoolStatus], tz) -> list[dict]:
+def status_rows(statuses: list[PoolStatus]) -> list[dict]:
     rows = []
     for status in statuses:
-        rows.append(
-            {
-                "pool": status.pool,
-                "key_id": status.key_id,
-                "label": status.label,
-                "window": status.window,
-                "limit": status.limit,
-                "used": status.used,
-                "reserved": status.reserved,
-                "remaining": status.remaining,
-                "percentage": status.percentage,
-                "window_start": iso_utc(status.window_start),
-                "resets_at": iso_utc(status.resets_at) if status.resets_at else None,
-                "resets_at_local": status.resets_at.astimezone(tz).isoformat() if status.resets_at else None,
-            }
-        )
+        row = pool_status.as_row(status)
+        tz = ZoneInfo(status.timezone or "UTC")
+        for name in ("resets_at", "exhausted_at"):
+            moment = getattr(status, name)
+            row[f"{name}_local"] = moment.astimezone(tz).isoformat() if moment else None
+        rows.append(row)
     return rows
 
 
 def run_status(args: argparse.Namespace) -> int:
-    ledger = _ledger(args)
+    db, config = _open(args, readonly=True)
+    conn = db.conn
     try:
-        rows = status_rows(ledger.status(), ledger.config.timezone)
+        conn.isolation_level = None
+        conn.execute("BEGIN")  # one consistent picture
+        try:
+            scopes = pool_status.scopes_for(conn, config)
+            statuses = pool_status.statuses(conn, scopes, utc_now())
+        finally:
+            conn.execute("COMMIT")
     finally:
-        ledger.close()
+        conn.close()
+    rows = status_rows(statuses)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
         return 0
-    table = Table(title=f"Pools ({ledger.config.timezone_name})", title_justify="left")
+    zones = sorted({s.timezone or "UTC" for s in statuses}) or ["UTC"]
+    table = Table(title=f"Pools ({', '.join(zones)})", title_justify="left")
     for column, justify in (("pool", "left"), ("window", "left"), ("limit", "right"), ("used", "right"),
-                            ("reserved", "right"), ("remaining", "right"), ("%", "right"), ("resets at", "left")):
+                            ("reserved", "right"), ("remaining", "right"), ("%", "right"), ("resets at", "left"),
+                            ("runs out at", "left")):
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
         name = row["pool"] + (f" / {row['label'] or row['key_id']}" if row["key_id"] else "")
         limit = f"{row['limit']:,}" if row["limit"] is not None else "track only"
         remaining = f"{row['remaining']:,}" if row["remaining"] is not None else "-"
         pct = f"{row['percentage']:.1f}" if row["percentage"] is not None else "-"
-        resets = _local(row["resets_at_local"]) if row["resets_at_local"] else "rolling"
-        table.add_row(name, row["window"], limit, f"{row['used']:,}", f"{row['reserved']:,}", remaining, pct, resets)
+        resets = _local(row["resets_at_local"]) if row["resets_at_local"] else "-"
+        runs_out = _local(row["exhausted_at_local"]) if row["exhausted_at_local"] else "-"
+        table.add_row(name, row["window"], limit, f"{row['used']:,}", f"{row['reserved']:,}", remaining, pct, resets,
+                      runs_out)
     console = Console()
     if not console.is_terminal:
-        console = Console(width=120)  # piped: do not squeeze to 80 columns
+        console = Console(width=140)  # piped: do not squeeze to 80 columns
     console.print(table)
     return 0
 
@@ -102,14 +110,16 @@ def _local(text: str) -> str:
 
 
 def run_reset(args: argparse.Namespace) -> int:
-    ledger = _ledger(args)
-    if args.pool not in ledger.config.pools:
-        print(f"error: unknown pool {args.pool!r} (pools: {', '.join(ledger.config.pools)})", file=sys.stderr)
-        return 1
+    db, config = _open(args, readonly=False)
     try:
-        stamp = ledger.add_reset(args.pool, args.key_id, args.note)
+        pools = list(dict.fromkeys(scope.pool for scope in pool_status.scopes_for(db.conn, config)))
+        if args.pool not in pools:
+            print(f"error: unknown pool {args.pool!r} (pools: {', '.join(pools)})", file=sys.stderr)
+            return 1
+        with db.conn:
+            stamp = record_reset(db.conn, args.pool, args.key_id, args.note, utc_now())
     finally:
-        ledger.close()
+        db.conn.close()
     who = f" for key {args.key_id}" if args.key_id else ""
     print(f"pool {args.pool}{who} reset at {stamp}: usage before it no longer counts in the current window")
     return 0

@@ -112,6 +112,8 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...] | None, list[tupl
     # Calendar windows of each pool (start <= now < end), precomputed in the
     # configured time zone so SQL (Datasette) needs no time zone arithmetic.
     "pool_windows": ({"pool": str, "start": str, "end": str}, ("pool", "start"), [("pool", "end")]),
+    # Keys with their own limit in a pool, from the config's [keys] (written with `pools`).
+    "key_limits": ({"pool": str, "key_id": str, "label": str, "limit": int}, ("pool", "key_id"), []),
     # Manual resets: usage before `ts` no longer counts in its window.
     "resets": ({"id": int, "ts": str, "pool": str, "key_id": str, "note": str}, "id", [("pool", "ts")]),
     # Admission reservations of requests in flight (shared by all proxies).
@@ -143,7 +145,8 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...] | None, list[tupl
     # Per-user keys issued by `python -m addon keys create` (addon/issued_keys.py):
     # only the SHA-256 of the key is kept; key_id is its first 12 hex digits.
     "issued_keys": (
-        {"key_hash": str, "key_id": str, "key_hint": str, "label": str, "created_at": str, "revoked_at": str},
+        {"key_hash": str, "key_id": str, "key_hint": str, "label": str, "created_at": str, "revoked_at": str,
+         "note": str},  # note: from POST /admin/keys
         "key_hash",
         [("label",), ("key_id",)],
     ),

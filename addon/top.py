@@ -21,32 +21,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from . import config as config_mod
-from . import store
+from . import pool_status, store
+from .pool_status import PoolStatus
 from .windows import Window, iso_utc
 
 FULL_REFRESH = 60.0  # seconds between full recounts of the totals
 POLL = 0.25  # seconds between checks for new rows
-
-
-@dataclass(slots=True)
-class PoolView:
-    name: str
-    limit: int | None
-    used: int
-    window: str
-    window_start: datetime
-    resets_at: datetime | None
-
-
-@dataclass(slots=True)
-class PoolDef:
-    name: str
-    limit: int | None
-    window: Window
-    tz: ZoneInfo
 
 
 @dataclass
@@ -106,48 +89,6 @@ def update_totals(conn: sqlite3.Connection, totals: Totals, now: datetime, tz: Z
     totals.last_id = max(totals.last_id, latest or 0)
 
 
-def pool_defs(conn: sqlite3.Connection, config: config_mod.Config | None) -> list[PoolDef]:
-    """The pools from --config, else as the proxy published them, else the bundled default."""
-    if config is None:
-        try:
-            rows = conn.execute('SELECT name, "limit", window, timezone FROM pools ORDER BY rowid').fetchall()
-        except sqlite3.OperationalError:
-            rows = []
-        defs = []
-        for name, limit, window, tz_name in rows:
-            try:
-                defs.append(PoolDef(name, limit, Window.parse(window), ZoneInfo(tz_name or "UTC")))
-            except (ValueError, ZoneInfoNotFoundError):
-                continue
-        if defs:
-            return defs
-        config = config_mod.load(None)
-    return [PoolDef(p.name, p.limit, p.window, config.timezone) for p in config.pools.values()]
-
-
-def pool_views(conn: sqlite3.Connection, pools: list[PoolDef], now: datetime) -> list[PoolView]:
-    """Used tokens of each pool in its current window, resets applied (as the proxy counts)."""
-    views = []
-    for pool in pools:
-        start, end = pool.window.bounds(now, pool.tz)
-        window_start, counting = start, start
-        try:
-            (reset,) = conn.execute(
-                "SELECT MAX(ts) FROM resets WHERE pool = ? AND key_id IS NULL AND ts >= ? AND ts <= ?",
-                (pool.name, iso_utc(start), iso_utc(now)),
-            ).fetchone()
-        except sqlite3.OperationalError:
-            reset = None
-        counting_iso = reset or iso_utc(counting)
-        (used,) = conn.execute(
-            "SELECT COALESCE(SUM(total_tokens), 0) FROM requests WHERE pool = ? AND ts >= ? AND ts < ?",
-            (pool.name, counting_iso, iso_utc(end)),
-        ).fetchone()
-        views.append(PoolView(pool.name, pool.limit, int(used), pool.window.kind, window_start,
-                              None if pool.window.is_rolling else end))
-    return views
-
-
 RECENT_SQL = """SELECT id, ts, model, endpoint, status, outcome, streamed, total_tokens, cost_usd, latency_ms,
   COALESCE(label, key_hint) AS who FROM requests ORDER BY id DESC LIMIT ? OFFSET ?"""
 
@@ -156,7 +97,7 @@ RECENT_SQL = """SELECT id, ts, model, endpoint, status, outcome, streamed, total
 class Snapshot:
     now: datetime
     totals: dict[str, list[float]]
-    pools: list[PoolView]
+    pools: list[PoolStatus]
     recent: list[dict[str, Any]]
     count: int
     offset: int
@@ -186,8 +127,8 @@ class Reader:
             conn = self._connect()
             conn.execute("BEGIN")  # a consistent view; a WAL read lock never blocks the writer
             try:
-                pools = pool_defs(conn, self.config)
-                tz = self.tz or (pools[0].tz if pools else ZoneInfo("UTC"))
+                scopes = pool_status.scopes_for(conn, self.config)
+                tz = self.tz or (scopes[0].tz if scopes else ZoneInfo("UTC"))
                 try:
                     update_totals(conn, self.totals, now, tz)
                     (count,) = conn.execute("SELECT COUNT(*) FROM requests").fetchone()
@@ -195,12 +136,11 @@ class Reader:
                     cursor = conn.execute(RECENT_SQL, (rows, offset))
                     names = [d[0] for d in cursor.description]
                     recent = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-                    views = pool_views(conn, pools, now)
+                    views = pool_status.statuses(conn, scopes, now)
                 except sqlite3.OperationalError as exc:
                     if "no such table" not in str(exc):
                         raise
-                    count, recent, views = 0, [], [PoolView(p.name, p.limit, 0, p.window.kind, now, None)
-                                                   for p in pools]
+                    count, recent, views = 0, [], []
             finally:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -278,12 +218,13 @@ def render(snap: Snapshot, db_name: str, height: int):
     parts.append(totals)
 
     gauges = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold cyan")
-    gauges.add_column("pool", width=10, no_wrap=True, overflow="ellipsis")
+    gauges.add_column("pool", width=13, no_wrap=True, overflow="ellipsis")  # pool/label for key limits
     gauges.add_column("", width=20)
     gauges.add_column("used", justify="right", width=6)
-    gauges.add_column("tokens / limit", justify="right", width=23, no_wrap=True)
+    gauges.add_column("tokens / limit", justify="right", width=20, no_wrap=True)
     gauges.add_column("resets", justify="right", width=12, no_wrap=True)
     for pool in snap.pools:
+        name = pool.pool + (f"/{pool.label or pool.key_id}" if pool.key_id else "")
         if pool.limit:
             fraction = pool.used / pool.limit
             style = "red" if fraction >= 1 else ("yellow" if fraction >= 0.8 else "green")
@@ -293,7 +234,9 @@ def render(snap: Snapshot, db_name: str, height: int):
         else:
             bar, percent, amount = Text("track only", style="dim"), "", _tokens(pool.used)
         resets = f"in {_duration((pool.resets_at - snap.now).total_seconds())}" if pool.resets_at else pool.window
-        gauges.add_row(pool.name, bar, percent, amount, resets)
+        if pool.exhausted_at is not None:  # the forecast: out before the reset at the last hour's pace
+            resets = Text(f"out {_duration((pool.exhausted_at - snap.now).total_seconds())}", style="red")
+        gauges.add_row(name, bar, percent, amount, resets)
     parts.append(gauges)
 
     recent = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold cyan", expand=True)

@@ -40,46 +40,24 @@ DAYS = "max(CAST(coalesce(nullif(:days, ''), 7) AS INTEGER), 1)"
 # The first instant of the last :days local days (today included).
 SINCE = f"since AS (SELECT strftime({ISO}, start, '-' || ({DAYS} - 1) || ' days') AS from_ts FROM midnight)"
 
-STATUS = f"""WITH {CLOCK},
-current AS (
-  SELECT p.name AS pool, p."limit" AS lim, p."window" AS kind, p.timezone, p.rolling_hours,
-         CASE WHEN p.rolling_hours IS NOT NULL
-              THEN strftime({ISO}, clock.now, '-' || p.rolling_hours || ' hours')
-              ELSE (SELECT w.start FROM pool_windows w
-                     WHERE w.pool = p.name AND w.start <= clock.now AND clock.now < w."end") END AS period_start,
-         CASE WHEN p.rolling_hours IS NULL
-              THEN (SELECT w."end" FROM pool_windows w
-                     WHERE w.pool = p.name AND w.start <= clock.now AND clock.now < w."end") END AS period_end,
-         (SELECT max(r.ts) FROM resets r
-           WHERE r.pool = p.name AND r.key_id IS NULL AND r.ts <= clock.now) AS last_reset,
-         clock.now
-    FROM pools p, clock
-),
-counting AS (
-  -- A reset inside the current window moves its start: earlier usage no longer counts.
-  SELECT *, CASE WHEN last_reset >= period_start THEN last_reset ELSE period_start END AS start FROM current
-),
-usage AS (
-  SELECT c.*,
-         (SELECT coalesce(sum(q.total_tokens), 0) FROM requests q
-           WHERE q.pool = c.pool AND q.ts >= c.start AND q.ts < coalesce(c.period_end, '9999')) AS used,
-         (SELECT min(q.ts) FROM requests q
-           WHERE q.pool = c.pool AND q.ts >= c.start AND q.total_tokens > 0) AS oldest
-    FROM counting c
-)
-SELECT pool,
-       lim AS "limit",
-       used,
-       CASE WHEN lim IS NOT NULL THEN max(lim - used, 0) END AS remaining,
-       CASE WHEN lim IS NULL THEN NULL WHEN lim = 0 THEN 100.0 ELSE round(100.0 * used / lim, 2) END AS percentage,
-       start AS window_start,
-       -- Rolling windows: when the oldest counted usage ages out (NULL: nothing to age out).
-       CASE WHEN rolling_hours IS NULL THEN period_end
-            ELSE strftime({ISO}, oldest, '+' || rolling_hours || ' hours') END AS resets_at,
-       kind AS "window",
-       timezone
-  FROM usage
- ORDER BY pool"""
+# Status is computed in Python by addon/pool_status.py, the code the proxy's ledger, `status` and `top`
+# run; the plugin (addon/datasette_plugin.py) gives it to SQL as usage_status_json(): one row per scope.
+STATUS_COLUMNS = ("pool", "key_id", "label", "limit", "used", "remaining", "percentage", "window_start", "resets_at",
+                  "exhausted_at", "reserved", "pace_per_hour", "window", "timezone")
+
+
+def _status_sql(where: str, columns: tuple[str, ...] = STATUS_COLUMNS) -> str:
+    picked = ",\n       ".join(f"json_extract(s.value, '$.{c}') AS \"{c}\"" for c in columns)
+    return f"""SELECT {picked}
+  FROM json_each(usage_status_json()) s
+ WHERE {where}
+ ORDER BY 1, 2"""
+
+
+# Per pool (the contract's columns first); the keys with their own limits in KEY_STATUS.
+STATUS = _status_sql("json_extract(s.value, '$.key_id') IS NULL",
+                     tuple(c for c in STATUS_COLUMNS if c not in ("key_id", "label")))
+KEY_STATUS = _status_sql("json_extract(s.value, '$.key_id') IS NOT NULL")
 
 HISTORY = f"""WITH {CLOCK}, {MIDNIGHT}, {SINCE}
 SELECT day, pool,
@@ -217,6 +195,87 @@ SELECT {label_sql} AS {category}, coalesce(sum(total_tokens), 0) AS tokens, roun
     }
 
 
+# The configured time zone (pools are published with it), for times shown on the dashboard.
+TZ = "(SELECT coalesce(max(timezone), 'UTC') FROM pools)"
+
+# Today, per local hour, for each limited calendar-window pool: tokens used in the window so far (as % of the
+# limit, so that pools of any size share the axis), and the projection at the last hour's pace to where it runs
+# out (exhausted_at), else to the window's end or midnight, from the same status the proxy and the API compute.
+TODAY_BY_HOUR = """WITH s AS (
+  SELECT json_extract(value, '$.pool') AS pool, json_extract(value, '$.limit') AS lim,
+         json_extract(value, '$.used') AS used, json_extract(value, '$.pace_per_hour') AS pace,
+         json_extract(value, '$.window_start') AS counting_start, json_extract(value, '$.resets_at') AS resets_at,
+         json_extract(value, '$.exhausted_at') AS exhausted_at, json_extract(value, '$.timezone') AS tz
+    FROM json_each(usage_status_json())
+   WHERE json_extract(value, '$.key_id') IS NULL AND json_extract(value, '$.limit') > 0
+     AND json_extract(value, '$.window') NOT LIKE 'rolling:%'
+),
+d AS (
+  SELECT *, usage_local_time(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), tz) AS now_local,
+         substr(usage_local_time(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), tz), 1, 10) || ' 00:00:00' AS midnight,
+         usage_local_time(counting_start, tz) AS start_local, usage_local_time(resets_at, tz) AS resets_local,
+         usage_local_time(exhausted_at, tz) AS exhausted_local
+    FROM s
+),
+h AS (
+  SELECT d.pool, substr(usage_local_time(r.ts, d.tz), 1, 13) || ':00:00' AS hour, sum(r.total_tokens) AS tokens
+    FROM d JOIN requests r ON r.pool = d.pool
+   WHERE r.ts >= d.counting_start AND r.total_tokens IS NOT NULL AND usage_local_time(r.ts, d.tz) >= d.midnight
+   GROUP BY 1, 2
+),
+b AS (
+  SELECT d.*, d.used - coalesce((SELECT sum(tokens) FROM h WHERE h.pool = d.pool), 0) AS before_today,
+         -- The projection ends where the pool runs out, else at the reset or midnight, whichever is first.
+         min(coalesce(d.exhausted_local, d.resets_local), d.resets_local,
+             strftime('%Y-%m-%d %H:%M:%S', d.midnight, '+1 day')) AS horizon
+    FROM d
+),
+points AS (
+  SELECT pool, 'used' AS series, max(midnight, start_local) AS time, before_today AS tokens, lim, exhausted_local
+    FROM b
+  UNION ALL
+  SELECT h.pool, 'used', min(strftime('%Y-%m-%d %H:%M:%S', h.hour, '+1 hour'), b.now_local),
+         b.before_today + sum(h.tokens) OVER (PARTITION BY h.pool ORDER BY h.hour), b.lim, b.exhausted_local
+    FROM h JOIN b ON b.pool = h.pool
+  UNION ALL
+  SELECT pool, 'used', now_local, used, lim, exhausted_local FROM b
+  UNION ALL
+  SELECT pool, 'projection', now_local, used, lim, exhausted_local FROM b
+  UNION ALL
+  SELECT pool, 'projection', horizon,
+         used + CAST(round(pace * (julianday(horizon) - julianday(now_local)) * 24) AS INTEGER), lim, exhausted_local
+    FROM b
+)
+SELECT pool, series, replace(time, ' ', 'T') AS time, tokens, lim AS "limit",
+       round(100.0 * tokens / lim, 2) AS percentage, coalesce(exhausted_local, 'not before the reset') AS runs_out
+  FROM points
+ ORDER BY pool, series, time"""
+
+_TODAY_TOOLTIP = [
+    {"field": "pool", "type": "nominal"},
+    {"field": "series", "type": "nominal"},
+    {"field": "time", "type": "temporal", "format": "%H:%M"},
+    {"field": "tokens", "type": "quantitative", "format": ","},
+    {"field": "limit", "type": "quantitative", "format": ","},
+    {"field": "percentage", "type": "quantitative", "title": "% of limit"},
+    {"field": "runs_out", "type": "nominal", "title": "runs out (local)"},
+]
+_TODAY_X = {"field": "time", "type": "temporal", "title": None, "axis": {"format": "%H:%M"}}
+_TODAY_Y = {"field": "percentage", "type": "quantitative", "title": "% of limit"}
+
+ALERTS_PANEL = f"""WITH recent AS (
+  SELECT usage_local_time(ts, {TZ}) AS "time", pool, coalesce(label, key_id) AS "key",
+         CASE WHEN threshold IS NULL THEN 'forecast' ELSE printf('%g %%', threshold) END AS threshold,
+         used, "limit", CASE delivered WHEN 1 THEN 'yes' ELSE 'no' END AS delivered, message
+    FROM alerts LEFT JOIN (SELECT key_id AS k, label FROM key_limits GROUP BY key_id) ON k = alerts.key_id
+   ORDER BY alerts.id DESC LIMIT 20
+)
+SELECT * FROM recent
+UNION ALL
+SELECT 'no alerts yet', NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE NOT EXISTS (SELECT 1 FROM recent)"""
+
+KEY_LIMITS_PANEL = f"""SELECT pool || ' / ' || coalesce(label, key_id) AS scope, * FROM ({KEY_STATUS})"""
+
 DASHBOARD: dict[str, Any] = {
     "title": "OpenAI usage",
     "description": "Tokens, pools, costs and blocked requests metered by the proxy. "
@@ -224,8 +283,11 @@ DASHBOARD: dict[str, Any] = {
     "settings": {"allow_fullscreen": True, "autorefresh": 1 / 6},
     "layout": [
         ["tokens-today", "cost-today", "requests-today", "blocked-today"],
-        ["pools-today", "pools-today", "tokens-per-day", "tokens-per-day"],
-        ["cost-per-day", "cost-per-day", "top-models", "top-keys"],
+        ["today-by-hour", "today-by-hour", "pools-today", "pools-today"],
+        ["today-by-hour", "today-by-hour", "key-limits", "key-limits"],
+        ["tokens-per-day", "tokens-per-day", "cost-per-day", "cost-per-day"],
+        ["cost-by-user", "cost-by-user", "top-models", "top-keys"],
+        ["alerts", "alerts", "alerts", "alerts"],
         ["recent-blocked", "recent-blocked", "recent-blocked", "recent-blocked"],
     ],
     "filters": {
@@ -279,6 +341,104 @@ DASHBOARD: dict[str, Any] = {
                 ],
             },
         },
+        "today-by-hour": {
+            "title": "Today by hour: each pool's use of its limit (day, week and month pools), and where it is "
+                     "heading at the last hour's pace (dashed, to where it runs out)",
+            "db": DB,
+            "query": TODAY_BY_HOUR,
+            "library": "vega-lite",
+            "display": {
+                "height": 300,
+                "layer": [
+                    {
+                        "transform": [{"filter": "datum.series == 'used'"}],
+                        "mark": {"type": "line", "point": True, "tooltip": True, "interpolate": "monotone"},
+                        "encoding": {"x": _TODAY_X, "y": _TODAY_Y, "color": {"field": "pool", "type": "nominal"},
+                                     "tooltip": _TODAY_TOOLTIP},
+                    },
+                    {
+                        "transform": [{"filter": "datum.series == 'projection'"}],
+                        "mark": {"type": "line", "strokeDash": [6, 4], "point": False, "tooltip": True},
+                        "encoding": {"x": _TODAY_X, "y": _TODAY_Y, "color": {"field": "pool", "type": "nominal"},
+                                     "tooltip": _TODAY_TOOLTIP},
+                    },
+                    {
+                        "mark": {"type": "rule", "color": "#d62728", "strokeWidth": 1.5},
+                        "encoding": {"y": {"datum": 100}},
+                    },
+                    {
+                        "mark": {"type": "text", "align": "left", "dx": 4, "dy": -6, "color": "#d62728"},
+                        "encoding": {"y": {"datum": 100}, "x": {"aggregate": "min", "field": "time",
+                                                                "type": "temporal"},
+                                     "text": {"value": "limit"}},
+                    },
+                ],
+            },
+        },
+        "key-limits": {
+            "title": "Keys with their own limits: share used in the current window",
+            "db": DB,
+            "query": KEY_LIMITS_PANEL,
+            "library": "vega-lite",
+            "display": {
+                "height": {"step": 30},
+                "transform": [{"calculate": "format(datum.used, ',') + ' of ' + format(datum.limit, ',')",
+                               "as": "label"}],
+                "encoding": {
+                    "y": {"field": "scope", "type": "nominal", "title": None},
+                    "x": {"field": "percentage", "type": "quantitative", "title": "% of the key's limit",
+                          "scale": {"domain": [0, 100], "clamp": True}},
+                    "tooltip": [
+                        {"field": "scope", "type": "nominal"},
+                        {"field": "used", "type": "quantitative", "format": ","},
+                        {"field": "limit", "type": "quantitative", "format": ","},
+                        {"field": "reserved", "type": "quantitative", "format": ","},
+                        {"field": "percentage", "type": "quantitative"},
+                        {"field": "resets_at", "type": "nominal"},
+                        {"field": "exhausted_at", "type": "nominal", "title": "runs out at (UTC)"},
+                    ],
+                },
+                "layer": [
+                    {"mark": {"type": "bar", "tooltip": True, "color": "#72b7b2"}},
+                    {"mark": {"type": "text", "align": "left", "dx": 4},
+                     "encoding": {"text": {"field": "label", "type": "nominal"}}},
+                ],
+            },
+        },
+        "cost-by-user": {
+            "title": "Cost by user per day (USD)",
+            "db": DB,
+            "query": f"""{RANGE}
+SELECT day, coalesce(label, 'key ' || key_hint, '(no key)') AS user, round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
+       coalesce(sum(total_tokens), 0) AS tokens, count(*) AS requests
+  FROM requests, range
+ WHERE {RANGE_WHERE}
+ GROUP BY 1, 2 ORDER BY 1, 2""",
+            "library": "vega-lite",
+            "display": {
+                "height": 220,
+                "mark": {"type": "bar", "tooltip": True},
+                "encoding": {
+                    "x": {"field": "day", "type": "ordinal", "title": None},
+                    "y": {"field": "cost_usd", "type": "quantitative", "title": "USD", "stack": "zero"},
+                    "color": {"field": "user", "type": "nominal"},
+                    "tooltip": [
+                        {"field": "day", "type": "ordinal"},
+                        {"field": "user", "type": "nominal"},
+                        {"field": "cost_usd", "type": "quantitative", "title": "cost (USD)", "format": ".6f"},
+                        {"field": "tokens", "type": "quantitative", "format": ","},
+                        {"field": "requests", "type": "quantitative"},
+                    ],
+                },
+            },
+        },
+        "alerts": {
+            "title": "Latest alerts (times in the configured time zone)",
+            "db": DB,
+            "query": ALERTS_PANEL,
+            "library": "table",
+            "display": {},
+        },
         "tokens-per-day": {
             "title": "Tokens per day, by pool",
             "db": DB,
@@ -326,11 +486,11 @@ SELECT day, round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
         "top-keys": _bars("tokens", "Top keys (tokens)", "key",
                           "coalesce(label, key_hint, key_id, '(no key)')"),
         "recent-blocked": {
-            "title": "Recent blocked requests",
+            "title": "Recent blocked requests (times in the configured time zone)",
             "db": DB,
             "query": f"""{RANGE},
 blocked AS (
-  SELECT ts, model, pool, coalesce(label, key_hint) AS "key", status, error
+  SELECT usage_local_time(ts, {TZ}) AS "time", model, pool, coalesce(label, key_hint) AS "key", status, error
     FROM requests, range
    WHERE outcome = 'blocked' AND {RANGE_WHERE}
    ORDER BY id DESC LIMIT 20
@@ -464,6 +624,10 @@ def build() -> dict[str, Any]:
                         "counts in its window.",
                         "sort_desc": "ts",
                     },
+                    "key_limits": {
+                        "description": "Keys with a limit of their own in a pool (the config's [keys]), as the proxy "
+                        "last loaded them.",
+                    },
                     "pool_windows": {"hidden": True},
                     "reservations": {"hidden": True},
                     "issued_keys": {"hidden": True},
@@ -472,8 +636,16 @@ def build() -> dict[str, Any]:
                     "status": _query(
                         STATUS,
                         "Pool status",
-                        "Per pool, now: tokens used in the current window, the limit, what remains, the "
-                        "percentage used, when the window started (or was last reset) and when it resets (UTC).",
+                        "Per pool, now: tokens used in the current window, the limit, what remains (after what "
+                        "requests in flight reserved), the percentage used, when the window started (or was last "
+                        "reset), when it resets and when it runs out at the pace of the last hour (exhausted_at; "
+                        "null when not before the reset). Times in UTC.",
+                    ),
+                    "key_status": _query(
+                        KEY_STATUS,
+                        "Key limits",
+                        "Per key with its own limit in a pool ([keys] in the config), now: the same figures as "
+                        "status, counted over that key's requests.",
                     ),
                     "history": _query(
                         HISTORY,

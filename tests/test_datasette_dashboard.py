@@ -169,8 +169,10 @@ def test_dashboard_draws_every_chart_without_errors(browser, make_proxy, tmp_pat
     config_path = tmp_path / "config.toml"
     # Small limits, so that the pool gauges show something after a few calls.
     # (estimate_output_tokens: admission reserves little, so that these calls fit.)
+    # alice gets limits of her own, for the key-limits panel.
     config_path.write_text("estimate_output_tokens = 8\n" + CONFIG.replace("1_000_000", "1_000")
-                           .replace("5_000_000", "2_500"))
+                           .replace("5_000_000", "2_500").replace('label = "alice"', 'label = "alice"\n'
+                                                                  'limits = { premium = 600, mini = 1_500 }'))
     proxy = make_proxy(options={"usage_config": str(config_path)})
     count = traffic(proxy)
     # A little more, so the screenshot shows something: a second key, more models, a refusal.

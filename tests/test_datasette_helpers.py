@@ -28,8 +28,11 @@ def run_canned(db: Path, name: str, **params: str) -> list[dict]:
     sql = canned_sql(name)
     for param in metadata()["databases"]["usage"]["queries"][name].get("params", []):
         params.setdefault(param, "")
+    from addon.datasette_plugin import register_functions
+
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
+    register_functions(conn)  # as the plugin does for Datasette
     try:
         return [dict(r) for r in conn.execute(sql, params)]
     finally:
