@@ -175,7 +175,7 @@ class BodyLog:
     """Writes request/response pairs of metered hosts to `usage_body_log`."""
 
     def __init__(self, usage_meter: Any = None) -> None:
-        self.meter = usage_meter  # for metered_host(); None: every host
+        self.meter = usage_meter  # for metered_destination(); None: every host
         self.writer: BodyLogWriter | None = None
         self.path = ""
 
@@ -220,7 +220,7 @@ class BodyLog:
         if self.writer is None or flow.metadata.get("usage_body_logged"):
             return
         req = flow.request
-        if self.meter is not None and self.meter.metered_host(req) is None:
+        if self.meter is not None and self.meter.metered_destination(flow) is None:
             return
         request = _message(req, {"method": req.method, "url": req.pretty_url, "http_version": req.http_version})
         response = None
