@@ -121,8 +121,40 @@ def test_not_usage(value):
 
 
 def test_odd_numbers():
-    usage = meter.parse_usage({"prompt_tokens": 10.0, "completion_tokens": True})
-    assert cols(usage) == (10, 0, 0, 0, 10)
+    usage = meter.parse_usage({"prompt_tokens": 10.0, "completion_tokens": 0})
+    assert cols(usage) == (10, 0, 0, 0, 10) and meter.implausible_usage(usage) is None  # 10.0 is a whole number
+    assert "bool" in meter.implausible_usage(meter.parse_usage({"prompt_tokens": 10, "completion_tokens": True}))
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ({"prompt_tokens": -1000000, "completion_tokens": 5}, "negative"),
+        ({"prompt_tokens": 1e20, "completion_tokens": 5}, "implausibly large"),
+        ({"prompt_tokens": 2**70, "completion_tokens": 5}, "implausibly large"),
+        ({"prompt_tokens": 1.5, "completion_tokens": 5}, "not an integer"),
+        ({"prompt_tokens": "12", "completion_tokens": 5}, "not a number"),
+        ({"prompt_tokens": 5, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": -3}}, "negative"),
+        ({"prompt_tokens": 5, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 9}}, "exceeds"),
+        ({"input_tokens": 5, "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": "x"}}, "not a number"),
+        ({"type": "duration", "seconds": -4}, "negative"),
+    ],
+)
+def test_implausible_usage(raw, reason):
+    assert reason in meter.implausible_usage(meter.parse_usage(raw))
+
+
+def test_implausible_usage_checks_every_numeric_field():
+    """Fields added to Usage later (audio, images, ...) are covered without a change here."""
+    from dataclasses import fields
+
+    for item in fields(meter.Usage):
+        if "int" not in str(item.type) and "float" not in str(item.type):
+            continue
+        usage = meter.Usage(input_tokens=10, output_tokens=10, total_tokens=20)
+        setattr(usage, item.name, -1)
+        assert item.name in meter.implausible_usage(usage)
+    assert meter.implausible_usage(meter.Usage(input_tokens=10, output_tokens=10, total_tokens=20)) is None
 
 
 # ---------------------------------------------------------------------------
