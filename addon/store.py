@@ -63,6 +63,42 @@ REQUEST_COLUMNS: dict[str, type] = {
     "requested_model": str,
 }
 
+# Longest text kept per column: every text a request or an answer can put in a
+# row is cut here (store.bound_columns, applied to every row written), so a
+# 2 MB `model` costs 200 bytes. A text column missing here gets TEXT_LIMIT.
+COLUMN_LIMITS: dict[str, int] = {
+    "ts": 32,
+    "day": 10,
+    "host": 255,
+    "method": 16,
+    "path": 500,
+    "endpoint": 100,
+    "model": 200,
+    "requested_model": 200,
+    "pool": 100,
+    "outcome": 16,
+    "key_id": 16,
+    "key_hint": 16,
+    "project": 200,
+    "request_id": 200,
+    "service_tier": 64,
+    "user_agent": 300,
+    "error": 500,
+    "response_id": 200,
+    "label": 200,
+}
+TEXT_LIMIT = 1000
+
+
+def bound_columns(row: dict[str, Any]) -> None:
+    """Cut every text value of a row to its column's limit, in place."""
+    for key, value in row.items():
+        if isinstance(value, str):
+            limit = COLUMN_LIMITS.get(key, TEXT_LIMIT)
+            if len(value) > limit:
+                row[key] = value[: limit - 1] + "…"
+
+
 REQUEST_INDEXES: list[tuple[str, ...]] = [
     ("ts",),
     ("day", "pool"),
@@ -198,6 +234,7 @@ def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
     released: dict[tuple[int, str], int] = {}
     private = False
     for row in rows:
+        bound_columns(row)
         if "_reservation" in row:
             private = True
             held = row["_reservation"]
