@@ -435,7 +435,7 @@ class UsageMeter:
             try:
                 req.content = _with_include_usage(reader, body_obj)
             except Exception as exc:  # the call is still metered, without usage
-                log.warning("usage: could not ask %s for a usage chunk: %r", req.path, exc)
+                log.warning("usage: could not ask %s for a usage chunk: %r", redact_url(req.path), exc)
             else:
                 # The extra chunk can only be removed from an uncompressed stream.
                 req.headers["accept-encoding"] = "identity"

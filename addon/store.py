@@ -190,6 +190,25 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...] | None, list[tupl
 }
 
 
+def create_private(path: str | Path) -> None:
+    """Create `path` readable by its owner only (0600) if it does not exist.
+
+    SQLite gives the WAL and shared-memory files the database's mode, so they
+    are private too. An existing file keeps the mode its owner gave it.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        pass  # a directory that is not there (yet): sqlite3 reports it
+
+
+def open_private(path: str | Path, mode: str = "a"):
+    """A text file opened for appending, created 0600 (spool files, the body log)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), mode, encoding="utf-8")
+
+
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Database:
     """Open the database the way every part of the project should."""
     if readonly:
@@ -197,6 +216,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Databas
             f"file:{Path(path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
         )
     else:
+        create_private(path)
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     db = sqlite_utils.Database(conn)
@@ -612,7 +632,7 @@ class Writer:
         """Shutdown with the database still unavailable: keep the rows on disk."""
         target = self._spool_file()
         try:
-            with open(target, "a", encoding="utf-8") as handle:
+            with open_private(target) as handle:
                 for row in self._spool:
                     # Reservations are not carried over: this process's ones expire on their own.
                     public = {k: v for k, v in row.items() if not k.startswith("_")}
