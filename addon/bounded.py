@@ -108,7 +108,8 @@ class BodyReader:
       bytes), else a dict of the small top-level values of the object
       (`top_level_fields`); None when the body is not JSON;
     - `spans`: for scanned objects, key -> (start, end) of each top-level value in `data`;
-    - `data`: the decoded body (None when undecodable or over the limit);
+    - `data`: the decoded body (None when undecodable or over the limit; an
+      identity body is always whole: it is in memory already);
     - `size`: decoded bytes seen (at least `limit` + 1 when over it);
     - `error`: why the body could not be read in full (over the limit, undecodable).
     """
@@ -128,12 +129,9 @@ class BodyReader:
         self.done = False
         self._out: list[bytes] = []
         self._pieces: Iterator[bytes] | None = None
-        if self.identity:
+        if self.identity:  # already in memory as it is: read whole, however large
             self.size = len(raw)
-            if len(raw) > limit:
-                self.error = f"body of {len(raw)} bytes is over the {limit >> 20} MB parsing limit"
-            else:
-                self.data = raw
+            self.data = raw
         else:
             try:
                 self._pieces = decoded_pieces(raw, encoding)
@@ -171,7 +169,7 @@ class BodyReader:
                 return True
         text = self.data
         if text is None and self.over_limit:
-            text = self.raw if self.identity else b"".join(self._out)  # what fits: scan its top level
+            text = b"".join(self._out)  # what fits in the limit: scan its top level
         if text is not None:
             if budget is not None and len(text) > budget:
                 return False
@@ -190,20 +188,55 @@ class BodyReader:
 
 
 _WS = re.compile(rb"[ \t\r\n]*")
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _SCALAR = re.compile(rb"[^,}\]\s]+")
-_NESTED = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+_SPECIAL = re.compile(rb'["\[\]{}]')
+_STRING_BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)
+# Regex searches hold the GIL: long runs are searched a window at a time so
+# that the event loop thread gets its turns while a worker scans a big body.
+_WINDOW = 256 * 1024
+
+
+def _string_end(text: bytes, pos: int) -> int | None:
+    """The index after the string that opens at `pos`; None when it is cut short."""
+    size = len(text)
+    at = pos + 1
+    while True:
+        limit = min(at + _WINDOW, size)
+        end = _STRING_BODY.match(text, at, limit).end()
+        if end < limit:
+            if text[end] == 0x22:
+                return end + 1
+            if end + 1 == limit < size:  # a backslash at the window's edge: its escaped byte is in the next one
+                at = end
+                continue
+            return None
+        if limit == size:
+            return None
+        at = end
 
 
 def _skip_nested(text: bytes, pos: int) -> int | None:
+    """The index after the array or object that opens at `pos`; None when cut short."""
     depth = 0
-    for match in _NESTED.finditer(text, pos):
-        token = match.group()
-        if token[0] == 0x22:  # a string: brackets inside do not count
+    size = len(text)
+    at = pos
+    while at < size:
+        match = _SPECIAL.search(text, at, min(at + _WINDOW, size))
+        if match is None:
+            at = min(at + _WINDOW, size)
             continue
-        depth += 1 if token in (b"[", b"{") else -1
+        found = match.start()
+        char = text[found]
+        if char == 0x22:
+            end = _string_end(text, found)
+            if end is None:
+                return None
+            at = end
+            continue
+        depth += 1 if char in (0x5B, 0x7B) else -1
+        at = found + 1
         if depth == 0:
-            return match.end()
+            return at
     return None
 
 
@@ -230,18 +263,17 @@ def top_level_fields(text: bytes, max_value: int = MAX_FIELD) -> tuple[dict[str,
             pos = _WS.match(text, pos).end()
             if text[pos : pos + 1] != b'"':
                 break
-            match = _STRING.match(text, pos)
-            if match is None:
+            key_end = _string_end(text, pos)
+            if key_end is None:
                 break
-            key = json.loads(match.group())
-            pos = _WS.match(text, match.end()).end()
+            key = json.loads(text[pos:key_end])
+            pos = _WS.match(text, key_end).end()
             if text[pos : pos + 1] != b":":
                 break
             start = pos = _WS.match(text, pos + 1).end()
             first = text[pos : pos + 1]
             if first == b'"':
-                match = _STRING.match(text, pos)
-                end = match.end() if match else None
+                end = _string_end(text, pos)
             elif first in (b"{", b"["):
                 end = _skip_nested(text, pos)
             else:

@@ -26,7 +26,7 @@ from mitmproxy import ctx, exceptions, http
 from . import config as config_mod
 from . import meter
 from .bodylog import redact_url
-from .bounded import INLINE_BODY, BodyReader
+from .bounded import INLINE_BODY, MAX_DECODED_BODY, BodyReader
 from .decoding import decoder_for
 from .pools import PoolMatcher
 from .sse import SSEOverflow, SSEParser
@@ -430,7 +430,8 @@ class UsageMeter:
             and isinstance(body_obj, dict)
             and reader is not None
             and reader.data is not None
-            and (reader.identity or reader.size <= INLINE_BODY)  # re-encoding a big body would hold the loop
+            # Copying is cheap, re-encoding a big body would hold the loop.
+            and (reader.identity and reader.size <= MAX_DECODED_BODY or reader.size <= INLINE_BODY)
         ):
             try:
                 req.content = _with_include_usage(reader, body_obj)

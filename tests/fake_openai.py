@@ -24,6 +24,8 @@ with `extra_headers`:
                                 dribble (SSE frames sent 7 bytes at a time)
     x-fake-newline: crlf        SSE lines end with CRLF
     x-fake-chunks: 5            content chunks in a stream (default 3)
+    x-fake-usage: {json}        Chat Completions answer this usage object
+                                instead of the real count (hostile upstreams)
 
 GET /v1/organization/usage/completions and /v1/organization/costs (admin
 key `sk-admin-...`) report the usage this server sent, in buckets.
@@ -121,7 +123,8 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else b""
         if self.headers.get("content-encoding") == "gzip":
-            body = gzip.decompress(body)
+            # At most 64 MB: tests send decompression bombs through the proxy.
+            body = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(body, 64 * 1024 * 1024)
         return body
 
     def _record(self, body: bytes) -> Received:
@@ -314,6 +317,8 @@ class Handler(BaseHTTPRequestHandler):
             "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
         }
+        if self.headers.get("x-fake-usage"):
+            usage = json.loads(self.headers["x-fake-usage"])
         cid = "chatcmpl-" + uuid.uuid4().hex[:20]
         created = int(time.time())
         if not body.get("stream"):
