@@ -95,7 +95,7 @@ class StreamTap:
     def __init__(self, strip: bool, content_encoding: str | None, max_buffer: int) -> None:
         self.meter = meter.StreamMeter(strip_usage_chunk=strip)
         self.parser = SSEParser(max_buffer=max_buffer)
-        self.decoder = decoder_for(content_encoding)
+        self.decoder = decoder_for(content_encoding, limit=max_buffer + 1)
         # Events can only be cut out of an uncompressed stream.
         self.strip = strip and (content_encoding or "").strip().lower() in ("", "identity")
         self.broken: str | None = None if self.decoder else f"unknown content-encoding {content_encoding!r}"

@@ -433,3 +433,17 @@ def test_exposed_listen_hosts():
     assert exposed_listen_hosts(["regular@::1:8080"], "") == []
     assert exposed_listen_hosts(["reverse:https://api.openai.com@0.0.0.0:9000", "regular"], "127.0.0.1") == ["0.0.0.0"]
 
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+def test_compressed_stream_bomb_is_given_up_not_expanded(encoding):
+    """An SSE response whose chunk decodes to 40 MB: forwarded untouched, parsing given up at once."""
+    import brotli
+
+    from addon.capture import StreamTap
+
+    plain = b"data: " + b"A" * (40 << 20)
+    data = zlib.compress(plain, wbits=16 + zlib.MAX_WBITS) if encoding == "gzip" else brotli.compress(plain)
+    tap = StreamTap(False, encoding, max_buffer=16 << 20)
+    assert tap(data) == data and tap(b"") == b""
+    assert "decode to more than" in tap.broken
