@@ -82,7 +82,7 @@ COLUMN_LIMITS: dict[str, int] = {
     "project": 200,
     "request_id": 200,
     "service_tier": 64,
-    "user_agent": 300,
+    "user_agent": 200,
     "error": 500,
     "response_id": 200,
     "label": 200,
