@@ -14,17 +14,33 @@ import base64
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from .bounded import MAX_DECODED_BODY, UnknownEncoding, decoded_pieces
+from .store import open_private
+
 log = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
 REDACT_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"})
-REDACT_QUERY = frozenset({"api-key", "api_key", "key", "access_token"})
+REDACT_QUERY = frozenset({"api-key", "api_key", "key", "access_token", "token", "client_secret", "secret", "sig",
+                          "signature", "password"})
+# Credential-shaped values in bodies: OpenAI keys (sk-, sk-proj-, sk-admin-,
+# issued sk-usr-), Realtime client secrets (ek_), session tokens (sess-),
+# bearer tokens, and the values of JSON fields named like credentials.
+_SECRET_VALUES = re.compile(
+    r"\b(?:sk-[A-Za-z0-9_\-]{8,}|ek_[A-Za-z0-9_\-]{8,}|sess-[A-Za-z0-9_\-]{8,})"
+    r"|(?<=[Bb]earer )[A-Za-z0-9._~+/=\-]{8,}"
+)
+_SECRET_FIELDS = re.compile(
+    r'("(?:api[_-]?key|apiKey|client_secret|secret|password|access_token|refresh_token|token|authorization)"'
+    r'\s*:\s*)"(?:[^"\\]|\\.)*"'
+)
 MAX_ENTRIES = 1000
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
@@ -66,20 +82,32 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query, safe="[]")))
 
 
-def body_fields(raw: bytes | None, encoding: str | None) -> dict[str, Any]:
-    """Decoded body as text when it is UTF-8, else base64."""
+def redact_text(text: str) -> str:
+    """Credential-shaped values in a body replaced by [redacted]."""
+    text = _SECRET_FIELDS.sub(lambda m: m.group(1) + '"' + REDACTED + '"', text)
+    return _SECRET_VALUES.sub(REDACTED, text)
+
+
+def body_fields(raw: bytes | None, encoding: str | None, limit: int = MAX_DECODED_BODY) -> dict[str, Any]:
+    """Decoded body as redacted text when it is UTF-8, else base64; decoded within `limit`."""
     if raw is None:
         return {}
     data = raw
     if encoding and encoding.strip().lower() not in ("", "identity"):
-        from mitmproxy.net import encoding as codecs
-
         try:
-            data = codecs.decode(raw, encoding)
-        except ValueError:
+            out, size = [], 0
+            for piece in decoded_pieces(raw, encoding):
+                size += len(piece)
+                if size > limit:
+                    return {"body_omitted": f"decodes to more than {limit >> 20} MB", "content_encoding": encoding}
+                out.append(piece)
+            data = b"".join(out)
+        except UnknownEncoding:
+            return {"body_base64": base64.b64encode(raw).decode(), "content_encoding": encoding}
+        except Exception:  # corrupt: logged as it came
             return {"body_base64": base64.b64encode(raw).decode(), "content_encoding": encoding}
     try:
-        return {"body": data.decode("utf-8")}
+        return {"body": redact_text(data.decode("utf-8"))}
     except UnicodeDecodeError:
         return {"body_base64": base64.b64encode(data).decode()}
 
@@ -122,7 +150,7 @@ class BodyLogWriter:
 
     def __init__(self, path: str, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_QUEUED_BYTES) -> None:
         self.path = path
-        self.file = open(path, "a", encoding="utf-8")  # fail now (OptionsError), not later
+        self.file = open_private(path)  # fail now (OptionsError), not later; 0600: it holds bodies
         self.queue: queue.Queue[Entry | None] = queue.Queue(max_entries)
         self.max_bytes = max_bytes
         self.queued_bytes = 0
@@ -175,7 +203,7 @@ class BodyLog:
     """Writes request/response pairs of metered hosts to `usage_body_log`."""
 
     def __init__(self, usage_meter: Any = None) -> None:
-        self.meter = usage_meter  # for metered_host(); None: every host
+        self.meter = usage_meter  # for metered_destination(); None: every host
         self.writer: BodyLogWriter | None = None
         self.path = ""
 
@@ -220,7 +248,7 @@ class BodyLog:
         if self.writer is None or flow.metadata.get("usage_body_logged"):
             return
         req = flow.request
-        if self.meter is not None and self.meter.metered_host(req) is None:
+        if self.meter is not None and self.meter.metered_destination(flow) is None:
             return
         request = _message(req, {"method": req.method, "url": req.pretty_url, "http_version": req.http_version})
         response = None

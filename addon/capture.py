@@ -8,11 +8,15 @@ writer thread.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
+import json
 import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -21,6 +25,8 @@ from mitmproxy import ctx, exceptions, http
 
 from . import config as config_mod
 from . import meter
+from .bodylog import redact_url
+from .bounded import INLINE_BODY, MAX_DECODED_BODY, BodyReader
 from .decoding import decoder_for
 from .pools import PoolMatcher
 from .sse import SSEOverflow, SSEParser
@@ -29,11 +35,10 @@ from .windows import iso_utc, local_day
 
 log = logging.getLogger(__name__)
 
-# Requests larger than this are not JSON-parsed on the event loop; the
-# model and stream flag are read with a cheap scan instead.
-MAX_PARSED_REQUEST = 8 * 1024 * 1024
-# Responses larger than this are recorded without usage rather than parsed.
-MAX_PARSED_RESPONSE = 64 * 1024 * 1024
+# Bodies are decoded within bounded.MAX_DECODED_BODY; those over
+# bounded.INLINE_BODY (decoded) are decoded and read on BODY_WORKERS threads,
+# so that no client waits on another client's body.
+BODY_WORKERS = 2
 
 # Endpoints whose successful answers carry usage.
 USAGE_ENDPOINTS = frozenset(
@@ -90,7 +95,7 @@ class StreamTap:
     def __init__(self, strip: bool, content_encoding: str | None, max_buffer: int) -> None:
         self.meter = meter.StreamMeter(strip_usage_chunk=strip)
         self.parser = SSEParser(max_buffer=max_buffer)
-        self.decoder = decoder_for(content_encoding)
+        self.decoder = decoder_for(content_encoding, limit=max_buffer + 1)
         # Events can only be cut out of an uncompressed stream.
         self.strip = strip and (content_encoding or "").strip().lower() in ("", "identity")
         self.broken: str | None = None if self.decoder else f"unknown content-encoding {content_encoding!r}"
@@ -163,8 +168,9 @@ class UsageMeter:
         self.after_commit: Any = None
         self.max_sse_buffer = 16 * 1024 * 1024
         self.stopped = False  # done() ran: the writer is closed
-        self._host_cache: dict[str, tuple[str, bool]] = {}
+        self._host_cache: dict[str, bool] = {}  # request host -> metered
         self._day_cache: tuple[int, str] = (-1, "")  # (quarter hour since the epoch, local day)
+        self._body_workers: ThreadPoolExecutor | None = None  # large bodies, off the event loop
 
     # -- options -----------------------------------------------------------
     def load(self, loader) -> None:
@@ -237,6 +243,8 @@ class UsageMeter:
                 call.flow.kill()
         self.calls.clear()
         self.stopped = True
+        if self._body_workers is not None:
+            self._body_workers.shutdown(wait=False)
         if self.writer is not None:
             self.writer.flush(timeout=30)
             self.writer.close()
@@ -246,30 +254,66 @@ class UsageMeter:
         host = host.lower().rstrip(".")
         return any(host == pattern or fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
 
-    def metered_host(self, request: http.Request) -> str | None:
-        """The request's host (`pretty_host`) when it is metered, else None.
+    def metered_destination(self, flow: http.HTTPFlow) -> str | None:
+        """The metered host this flow really goes to over TLS, else None.
 
-        Memoized by Host header: parsing and matching it cost more than the
-        rest of a request's bookkeeping.
+        The one decision for "meter this flow" and "the shared upstream key may
+        be swapped in" (issued keys, body log, WebSocket flows, which are HTTP
+        flows that upgraded). It is taken from where mitmproxy connects: the
+        request's host, which is the CONNECT target in regular mode, the target
+        in reverse mode and the URL's host for absolute-form requests. The Host
+        header is never read: a client controls it. Plain HTTP is never metered
+        (`request` refuses it for metered hosts), so no key is sent in clear.
         """
-        authority = request.host_header or ""
-        cached = self._host_cache.get(authority or request.host)
-        if cached is None:
-            host = request.pretty_host
-            cached = (host, self.is_metered(host))
+        request = flow.request
+        if request.scheme != "https":
+            return None
+        host = request.host
+        metered = self._host_cache.get(host)
+        if metered is None:
+            metered = self.is_metered(host)
             if len(self._host_cache) >= 1024:
                 self._host_cache.clear()
-            self._host_cache[authority or request.host] = cached
-        return cached[0] if cached[1] else None
+            self._host_cache[host] = metered
+        return host if metered else None
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def _refuse_plain_http(self, flow: http.HTTPFlow) -> None:
+        """A metered host over plain HTTP: the credential would cross the network in clear."""
+        request = flow.request
+        if flow.response is not None or request.scheme != "http" or not self.is_metered(request.host):
+            return
+        message = (f"The usage proxy refuses plain HTTP to {request.host}: API keys would travel unencrypted. "
+                   f"Use https://{request.host}.")
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                          "code": "https_required"}}
+        flow.response = http.Response.make(403, json.dumps(body).encode(),
+                                           {"content-type": "application/json", "x-should-retry": "false"})
+
+    def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         # A response set by an earlier addon (an issued-key 401, say) is
         # recorded too; enforcement marks its own refusals as blocked.
-        host = None if self.stopped else self.metered_host(flow.request)
+        host = None if self.stopped else self.metered_destination(flow)
         if host is None:
+            self._refuse_plain_http(flow)
+            return None
+        headers = _header_map(flow.request.headers)
+        reader = _request_reader(flow.request.raw_content or b"", headers)
+        if reader is not None and not reader.run(INLINE_BODY):
+            return self._inspect_off_loop(flow, host, headers, reader)
+        self.calls[flow.id] = self._inspect(flow, host, headers, reader)
+        return None
+
+    async def _inspect_off_loop(self, flow: http.HTTPFlow, host: str, headers: dict[str, str],
+                                reader: BodyReader) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._workers(), reader.run)
+        if self.stopped or flow.error is not None:  # the error hook records it
             return
-        call = self._inspect(flow, host)
-        self.calls[flow.id] = call
+        self.calls[flow.id] = self._inspect(flow, host, headers, reader)
+
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._body_workers is None:
+            self._body_workers = ThreadPoolExecutor(BODY_WORKERS, thread_name_prefix="usage-body")
+        return self._body_workers
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = self.calls.get(flow.id)
@@ -285,12 +329,28 @@ class UsageMeter:
         call.extra["response_head"] = (response.status_code, headers.get("x-request-id"))  # for done()
         response.stream = call.stream
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         call = self.calls.pop(flow.id, None)
         if call is None or flow.response is None:
-            return
+            return None
+        reader = None
+        if call.stream is None and not call.blocked:
+            reader = _response_reader(call, flow.response)
+            if reader is not None and not reader.run(INLINE_BODY):
+                return self._finish_off_loop(call, flow, reader)
+        self._finish_safely(call, flow, reader)
+        return None
+
+    async def _finish_off_loop(self, call: Call, flow: http.HTTPFlow, reader: BodyReader) -> None:
         try:
-            self._finish(call, flow)
+            await asyncio.get_running_loop().run_in_executor(self._workers(), reader.run)
+        except Exception as exc:
+            reader.error = f"internal error: {exc!r}"
+        self._finish_safely(call, flow, reader)
+
+    def _finish_safely(self, call: Call, flow: http.HTTPFlow, reader: BodyReader | None) -> None:
+        try:
+            self._finish(call, flow, reader)
         except Exception as exc:  # never let a bug break the proxy
             log.exception("usage: recording %s %s failed", call.method, call.path)
             self._emit(call, flow, "no_usage", error=f"internal error: {exc!r}")
@@ -302,10 +362,10 @@ class UsageMeter:
             # request hook never ran, but the exchange is still recorded.
             if self.stopped or flow.request is None or flow.response is not None:
                 return
-            host = self.metered_host(flow.request)
+            host = self.metered_destination(flow)
             if host is None:
                 return
-            call = self._inspect(flow, host)
+            call = self._inspect(flow, host, _header_map(flow.request.headers), None)
         message = flow.error.msg if flow.error else "connection error"
         if call.blocked:
             self._emit(call, flow, "blocked", error=call.block_message)
@@ -320,26 +380,18 @@ class UsageMeter:
         self._emit(call, flow, outcome, facts=facts, error=message, status=status)
 
     # -- internals ---------------------------------------------------------
-    def _inspect(self, flow: http.HTTPFlow, host: str) -> Call:
+    def _inspect(self, flow: http.HTTPFlow, host: str, headers: dict[str, str], reader: BodyReader | None) -> Call:
         req = flow.request
         endpoint = meter.classify(req.method, req.path)
         raw = req.raw_content or b""
-        headers = _header_map(req.headers)
         content_type = headers.get("content-type", "").lower()
         facts = meter.RequestFacts(input_chars=len(raw))
         body_obj: Any = None
-        if raw and "json" in content_type or (raw[:1] in (b"{", b"[") and "multipart" not in content_type):
-            try:
-                body = req.get_content(strict=True) or b""
-            except ValueError:
-                body = b""
-                log.warning("usage: cannot decode %s request body (content-encoding %r)",
-                            req.path, req.headers.get("content-encoding"))
-            if len(body) <= MAX_PARSED_REQUEST:
-                body_obj = meter.parse_json(body)
-                facts = meter.facts_from_request(body_obj, len(body))
-            else:
-                facts = _scan_request(body)
+        if reader is not None:
+            if reader.error:
+                log.warning("usage: %s request: %s", redact_url(req.path), reader.error)
+            body_obj = reader.fields
+            facts = meter.facts_from_request(body_obj, reader.size)
         elif "multipart/form-data" in content_type:
             facts = _scan_multipart(raw)
         key = meter.credential(headers)
@@ -359,6 +411,8 @@ class UsageMeter:
             user_agent=(headers.get("user-agent") or "")[:200] or None,
             flow=flow,
         )
+        if reader is not None and reader.error:
+            call.extra["body_note"] = f"request {reader.error}; not fully parsed"
         model = facts.model or endpoint.deployment
         assert self.matcher is not None and self.config is not None
         call.pool = self.matcher.pool_for(model) if model or endpoint.name in USAGE_ENDPOINTS else None
@@ -374,11 +428,15 @@ class UsageMeter:
             and endpoint.name in meter.STREAM_OPTIONS_ENDPOINTS
             and facts.include_usage is not True
             and isinstance(body_obj, dict)
+            and reader is not None
+            and reader.data is not None
+            # Copying is cheap, re-encoding a big body would hold the loop.
+            and (reader.identity and reader.size <= MAX_DECODED_BODY or reader.size <= INLINE_BODY)
         ):
             try:
-                req.content = meter.with_include_usage(body, body_obj)
+                req.content = _with_include_usage(reader, body_obj)
             except Exception as exc:  # the call is still metered, without usage
-                log.warning("usage: could not ask %s for a usage chunk: %r", req.path, exc)
+                log.warning("usage: could not ask %s for a usage chunk: %r", redact_url(req.path), exc)
             else:
                 # The extra chunk can only be removed from an uncompressed stream.
                 req.headers["accept-encoding"] = "identity"
@@ -397,7 +455,7 @@ class UsageMeter:
     def _stream_facts(self, call: Call) -> meter.StreamMeter | None:
         return call.stream.meter if call.stream is not None else None
 
-    def _finish(self, call: Call, flow: http.HTTPFlow) -> None:
+    def _finish(self, call: Call, flow: http.HTTPFlow, reader: BodyReader | None = None) -> None:
         response = flow.response
         assert response is not None
         if call.blocked:
@@ -418,7 +476,7 @@ class UsageMeter:
                 outcome, error = "ok", None
             self._emit(call, flow, outcome, facts=facts, error=error)
             return
-        body_facts = self._body_facts(call, response)
+        body_facts = self._body_facts(call, response, reader)
         if response.status_code >= 400:
             error = body_facts.error or f"HTTP {response.status_code}"
             self._emit(call, flow, "error", facts=body_facts, error=error)
@@ -430,27 +488,20 @@ class UsageMeter:
             return
         self._emit(call, flow, "ok", facts=body_facts)
 
-    def _body_facts(self, call: Call, response: http.Response) -> meter.BodyFacts:
-        raw = response.raw_content
-        if not raw:
+    def _body_facts(self, call: Call, response: http.Response, reader: BodyReader | None) -> meter.BodyFacts:
+        if reader is None:
             return meter.BodyFacts()
-        content_type = _response_headers(call, response).get("content-type", "").lower()
-        if "json" not in content_type and raw[:1] not in (b"{", b"["):
-            return meter.BodyFacts()
-        if len(raw) > MAX_PARSED_RESPONSE:
-            return meter.BodyFacts(error=f"response body of {len(raw)} bytes not parsed")
-        try:
-            body = response.get_content(strict=True) or b""
-        except ValueError:
-            log.warning("usage: cannot decode %s response (content-encoding %r)",
-                        call.path, response.headers.get("content-encoding"))
-            return meter.BodyFacts(error=f"undecodable content-encoding {response.headers.get('content-encoding')!r}")
-        obj = meter.parse_json(body)
-        if obj is None:
+        if reader.fields is None:
+            if reader.error:
+                log.warning("usage: %s %s response: %s", call.method, redact_url(call.path), reader.error)
+                return meter.BodyFacts(error=f"response {reader.error}")
             if response.status_code < 400:
                 log.warning("usage: %s %s answered JSON that does not parse", call.method, call.path)
             return meter.BodyFacts(error="response is not valid JSON")
-        return meter.facts_from_body(obj)
+        facts = meter.facts_from_body(reader.fields)
+        if reader.error:
+            facts.error = facts.error or f"response {reader.error}; not fully parsed"
+        return facts
 
     def _emit(self, call: Call, flow: http.HTTPFlow | None, outcome: str, *, facts: Any = None,
               error: str | None = None, status: int | None = None) -> None:
@@ -464,6 +515,14 @@ class UsageMeter:
         answered_model = getattr(facts, "model", None)
         model = answered_model or call.request.model or call.endpoint.deployment
         pool = call.pool or (self.matcher.pool_for(model) if model and self.matcher else None)
+        if usage is not None and (implausible := meter.implausible_usage(usage)):
+            # A hostile or broken answer must not move a pool (least of all down).
+            log.warning("usage: %s %s answered implausible usage (%s); recorded without usage",
+                        call.method, redact_url(call.path), implausible)
+            usage = None
+            if outcome == "ok":
+                outcome = "no_usage"
+            error = error or implausible
         if usage is not None and response_id:
             # Background responses: count a response's usage once, however
             # often it is polled or streamed.
@@ -509,7 +568,7 @@ class UsageMeter:
             "request_id": headers.get("x-request-id"),
             "service_tier": meter.billed_service_tier(getattr(facts, "service_tier", None), call.request.service_tier),
             "user_agent": call.user_agent,
-            "error": error[:500] if error else None,
+            "error": error or call.extra.get("body_note"),
             "response_id": response_id,
         }
         if outcome == "ok":
@@ -551,19 +610,34 @@ def _client_went_away(message: str) -> bool:
     return "client" in message or "killed" in message
 
 
-_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
-_STREAM = re.compile(rb'"stream"\s*:\s*true')
+def _request_reader(raw: bytes, headers: dict[str, str]) -> BodyReader | None:
+    """A reader for a JSON request body, None for other bodies."""
+    content_type = headers.get("content-type", "").lower()
+    if raw and "json" in content_type or (raw[:1] in (b"{", b"[") and "multipart" not in content_type):
+        return BodyReader(raw, headers.get("content-encoding"))
+    return None
 
 
-def _scan_request(body: bytes) -> meter.RequestFacts:
-    """Model and stream flag of a request too large to parse on the loop."""
-    head = body[:65536] + body[-65536:]
-    facts = meter.RequestFacts(input_chars=len(body))
-    match = _MODEL.search(head)
-    if match:
-        facts.model = match.group(1).decode("utf-8", "replace")
-    facts.stream = bool(_STREAM.search(head))
-    return facts
+def _response_reader(call: Call, response: http.Response) -> BodyReader | None:
+    """A reader for a JSON response body, None for other bodies."""
+    raw = response.raw_content
+    if not raw:
+        return None
+    headers = _response_headers(call, response)
+    if "json" not in headers.get("content-type", "").lower() and raw[:1] not in (b"{", b"["):
+        return None
+    return BodyReader(raw, headers.get("content-encoding"))
+
+
+def _with_include_usage(reader: BodyReader, body_obj: dict[str, Any]) -> bytes:
+    """The request asking for a usage chunk; a scanned (large) body is edited in place."""
+    assert reader.data is not None
+    if reader.spans is None or "stream_options" not in reader.spans:
+        return meter.with_include_usage(reader.data, body_obj)
+    options = body_obj.get("stream_options")
+    start, end = reader.spans["stream_options"]
+    merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return reader.data[:start] + json.dumps(merged, separators=(",", ":")).encode("ascii") + reader.data[end:]
 
 
 _FORM_FIELD = re.compile(rb'name="(model|stream|size|quality)"\r?\n(?:[^\r\n]+\r?\n)*\r?\n([^\r\n]{0,200})')

@@ -176,7 +176,7 @@ class IssuedKeys:
     """Swaps issued keys for the upstream key; goes before UsageMeter in `addons`."""
 
     def __init__(self, usage_meter: Any = None) -> None:
-        self.meter = usage_meter  # for metered_host(); None: every host
+        self.meter = usage_meter  # for metered_destination(); None: every host
         self.settings = Settings(**DEFAULTS)
         self.upstream_key: str | None = None
         self.cache: KeyCache | None = None
@@ -218,7 +218,7 @@ class IssuedKeys:
     def request(self, flow) -> None:
         if not self.settings.enabled or self.cache is None or flow.response is not None:
             return
-        if self.meter is not None and self.meter.metered_host(flow.request) is None:
+        if self.meter is not None and self.meter.metered_destination(flow) is None:
             return
         headers = flow.request.headers
         key = meter.credential(headers)

@@ -7,8 +7,9 @@ Every nested field of OpenAI's payloads is optional; parse defensively.
 from __future__ import annotations
 
 import json
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any
 
@@ -87,6 +88,7 @@ class Usage:
     characters: int | None = None  # TTS input characters (tts-1, tts-1-hd)
     images: int | None = None  # images returned by per-image models (DALL-E)
     tool_calls: dict[str, int] | None = None  # hosted tool type -> calls (Responses output items)
+    rejected: str | None = None  # set when the raw object had counts that are not numbers (implausible_usage)
 
     def as_columns(self) -> dict[str, Any]:
         return {
@@ -135,6 +137,8 @@ def parse_usage(usage: Any) -> Usage | None:
     """
     if not isinstance(usage, dict):
         return None
+    if invalid := invalid_counts(usage):
+        return Usage(input_tokens=0, output_tokens=0, total_tokens=0, rejected=invalid)  # counts nothing
     if usage.get("type") == "duration":
         seconds = usage.get("seconds")
         if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
@@ -248,6 +252,63 @@ def complete_usage(endpoint: str, usage: Usage | None, request: RequestFacts, fa
         elif usage is not None and usage.output_tokens and usage.image_output_tokens is None:
             usage.image_output_tokens = usage.output_tokens
     return usage
+
+
+# No single call bills more tokens than this in any one count: the largest
+# context is ~1M tokens, outputs ~128k (times `n`). Anything above is a
+# hostile or broken answer, as are negative, fractional or non-numeric counts.
+MAX_CALL_TOKENS = 100_000_000
+
+
+def implausible_usage(usage: Usage, bound: int = MAX_CALL_TOKENS) -> str | None:
+    """Why `usage` cannot be true (the row then records no usage), else None.
+
+    Every numeric field of `Usage` is checked, whatever fields it has: counts
+    must be integers (not bool) in 0..`bound`, other numbers (seconds) finite
+    and non-negative. Parts may not exceed their whole (cached <= input,
+    reasoning <= output). A `rejected` reason set while parsing wins.
+    """
+    rejected = getattr(usage, "rejected", None)
+    if rejected:
+        return rejected
+    for item in fields(usage):
+        value = getattr(usage, item.name)
+        if value is None or isinstance(value, (str, dict, list, tuple)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"usage {item.name} is not a number ({type(value).__name__})"
+        if "int" in str(item.type) and not isinstance(value, int):
+            return f"usage {item.name} is not an integer ({value!r})"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"usage {item.name} is not finite"
+        if value < 0:
+            return f"usage {item.name} is negative ({value})"
+        if value > bound:
+            return f"usage {item.name} is implausibly large ({value} > {bound})"
+    for part, whole in (("cached_tokens", "input_tokens"), ("reasoning_tokens", "output_tokens")):
+        part_value, whole_value = getattr(usage, part, None), getattr(usage, whole, None)
+        if isinstance(part_value, int) and isinstance(whole_value, int) and part_value > whole_value:
+            return f"usage {part} ({part_value}) exceeds {whole} ({whole_value})"
+    return None
+
+
+def invalid_counts(usage: dict, depth: int = 0) -> str | None:
+    """A count in a raw `usage` object that is present but not a whole number, else None.
+
+    parse_usage reads such values as missing (0); a row must not pass them
+    off as a true 0. Checks every `*tokens` key and `seconds`, nested details too.
+    """
+    for key, value in usage.items():
+        if isinstance(value, dict) and depth < 3:
+            reason = invalid_counts(value, depth + 1)
+            if reason:
+                return reason
+        elif value is not None and isinstance(key, str) and (key.endswith("tokens") or key == "seconds"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"usage {key} is not a number ({type(value).__name__})"
+            if key != "seconds" and isinstance(value, float) and not value.is_integer():
+                return f"usage {key} is not an integer ({value!r})"
+    return None
 
 
 @dataclass(slots=True)

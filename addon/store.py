@@ -80,6 +80,42 @@ REQUEST_COLUMNS: dict[str, type] = {
     "origin": str,  # the proxy database a collected row came from
 }
 
+# Longest text kept per column: every text a request or an answer can put in a
+# row is cut here (store.bound_columns, applied to every row written), so a
+# 2 MB `model` costs 200 bytes. A text column missing here gets TEXT_LIMIT.
+COLUMN_LIMITS: dict[str, int] = {
+    "ts": 32,
+    "day": 10,
+    "host": 255,
+    "method": 16,
+    "path": 500,
+    "endpoint": 100,
+    "model": 200,
+    "requested_model": 200,
+    "pool": 100,
+    "outcome": 16,
+    "key_id": 16,
+    "key_hint": 16,
+    "project": 200,
+    "request_id": 200,
+    "service_tier": 64,
+    "user_agent": 200,
+    "error": 500,
+    "response_id": 200,
+    "label": 200,
+}
+TEXT_LIMIT = 1000
+
+
+def bound_columns(row: dict[str, Any]) -> None:
+    """Cut every text value of a row to its column's limit, in place."""
+    for key, value in row.items():
+        if isinstance(value, str):
+            limit = COLUMN_LIMITS.get(key, TEXT_LIMIT)
+            if len(value) > limit:
+                row[key] = value[: limit - 1] + "…"
+
+
 REQUEST_INDEXES: list[tuple[str, ...]] = [
     ("ts",),
     ("day", "pool"),
@@ -176,6 +212,25 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...] | None, list[tupl
 }
 
 
+def create_private(path: str | Path) -> None:
+    """Create `path` readable by its owner only (0600) if it does not exist.
+
+    SQLite gives the WAL and shared-memory files the database's mode, so they
+    are private too. An existing file keeps the mode its owner gave it.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        pass  # a directory that is not there (yet): sqlite3 reports it
+
+
+def open_private(path: str | Path, mode: str = "a"):
+    """A text file opened for appending, created 0600 (spool files, the body log)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), mode, encoding="utf-8")
+
+
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Database:
     """Open the database the way every part of the project should."""
     if readonly:
@@ -183,6 +238,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Databas
             f"file:{Path(path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
         )
     else:
+        create_private(path)
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     db = sqlite_utils.Database(conn)
@@ -224,6 +280,7 @@ def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         if "uid" not in row:  # kept by a row that waits in the spool and is retried
             row["uid"] = os.urandom(12).hex()
+        bound_columns(row)
         if "_reservation" in row:
             private = True
             held = row["_reservation"]
@@ -601,7 +658,7 @@ class Writer:
         """Shutdown with the database still unavailable: keep the rows on disk."""
         target = self._spool_file()
         try:
-            with open(target, "a", encoding="utf-8") as handle:
+            with open_private(target) as handle:
                 for row in self._spool:
                     # Reservations are not carried over: this process's ones expire on their own.
                     public = {k: v for k, v in row.items() if not k.startswith("_")}

@@ -14,6 +14,8 @@ if _ROOT not in sys.path:
 from addon.bodylog import BodyLog  # noqa: E402
 from addon.capture import UsageMeter  # noqa: E402
 from addon.enforce import Limits  # noqa: E402
+from addon.exposure import ExposureWarning  # noqa: E402
+from addon.intercept import InterceptOnlyMetered  # noqa: E402
 from addon.issued_keys import IssuedKeys  # noqa: E402
 from addon.prices import Pricing  # noqa: E402
 from addon.redis_rows import RedisRows  # noqa: E402
@@ -22,4 +24,7 @@ meter = UsageMeter()
 # IssuedKeys goes first: it sets the identity the meter records.
 # Limits comes right after the meter, whose request hook classifies the call.
 # Pricing follows the meter: it prices rows with the meter's freshly loaded config.
-addons = [IssuedKeys(meter), meter, Pricing(meter), Limits(meter), BodyLog(meter), RedisRows()]
+# InterceptOnlyMetered decides at the TLS handshake, before any request.
+issued = IssuedKeys(meter)
+addons = [InterceptOnlyMetered(meter), issued, meter, Pricing(meter), Limits(meter), BodyLog(meter),
+          ExposureWarning(issued), RedisRows()]

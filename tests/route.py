@@ -1,9 +1,13 @@
 """Test-only mitmproxy addon: route api.openai.com to the fake server.
 
 It stands in for DNS and nothing else: connections to api.openai.com go to
-FAKE_OPENAI_ADDR=127.0.0.1:PORT, and requests keep api.openai.com as their
-host, exactly as the usage addon sees them in production. Load it before
-addon/usage.py.
+FAKE_OPENAI_ADDR=127.0.0.1:PORT, while mitmproxy (and the usage addon) keep
+api.openai.com as the connection's address and the request's host, exactly
+as in production. Load it before addon/usage.py.
+
+The address is swapped just for the TCP connect (`server_connect`) and given
+back once the socket is open (`server_connected`), the way a resolver's
+answer only shows in the peer address.
 """
 
 import os
@@ -20,19 +24,27 @@ def _target() -> tuple[str, int] | None:
 
 
 class Route:
+    def __init__(self) -> None:
+        self.resolved: dict[str, tuple[str, int]] = {}  # server connection id -> its name
+
     def server_connect(self, data) -> None:
         target = _target()
-        if target and data.server.address and data.server.address[0] in UPSTREAM_HOSTS:
+        address = data.server.address
+        if target and address and address[0] in UPSTREAM_HOSTS:
+            self.resolved[data.server.id] = address
             data.server.address = target
 
-    def requestheaders(self, flow) -> None:
-        # mitmproxy takes the request's host from the (rerouted) server
-        # connection; give the Host header its real name back, as production
-        # traffic has it, and leave the address alone so connections are reused.
-        target = _target()
-        if target and (flow.request.host, flow.request.port) == target:
-            sni = flow.server_conn.sni if flow.server_conn.sni in UPSTREAM_HOSTS else "api.openai.com"
-            flow.request.headers["host"] = sni
+    def server_connected(self, data) -> None:
+        name = self.resolved.pop(data.server.id, None)
+        if name is not None:
+            # mitmproxy refuses to change the address of an open connection;
+            # here it only gives back the name the connection was opened for.
+            object.__setattr__(data.server, "address", name)
+
+    def server_connect_error(self, data) -> None:
+        name = self.resolved.pop(data.server.id, None)
+        if name is not None:
+            data.server.address = name
 
 
 addons = [Route()]

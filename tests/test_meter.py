@@ -105,7 +105,7 @@ def test_transcription_duration_usage():
     # Duration-billed: no tokens at all (NULL columns, not 0).
     assert usage.seconds == 7.0 and usage.total_tokens is None and usage.input_tokens is None
     assert usage.as_columns()["audio_seconds"] == 7.0
-    assert meter.parse_usage({"type": "duration", "seconds": "7"}) is None
+    assert meter.implausible_usage(meter.parse_usage({"type": "duration", "seconds": "7"})) is not None
 
 
 def test_image_usage():
@@ -117,12 +117,45 @@ def test_image_usage():
 @pytest.mark.parametrize("value", [None, [], "x", 3, {}, {"foo": 1}, {"prompt_tokens": None},
                                    {"prompt_tokens": "12", "completion_tokens": True}])
 def test_not_usage(value):
-    assert meter.parse_usage(value) is None
+    usage = meter.parse_usage(value)
+    assert usage is None or meter.implausible_usage(usage) is not None  # no usage, or usage recorded as none
 
 
 def test_odd_numbers():
-    usage = meter.parse_usage({"prompt_tokens": 10.0, "completion_tokens": True})
-    assert cols(usage) == (10, 0, 0, 0, 10)
+    usage = meter.parse_usage({"prompt_tokens": 10.0, "completion_tokens": 0})
+    assert cols(usage) == (10, 0, 0, 0, 10) and meter.implausible_usage(usage) is None  # 10.0 is a whole number
+    assert "bool" in meter.implausible_usage(meter.parse_usage({"prompt_tokens": 10, "completion_tokens": True}))
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ({"prompt_tokens": -1000000, "completion_tokens": 5}, "negative"),
+        ({"prompt_tokens": 1e20, "completion_tokens": 5}, "implausibly large"),
+        ({"prompt_tokens": 2**70, "completion_tokens": 5}, "implausibly large"),
+        ({"prompt_tokens": 1.5, "completion_tokens": 5}, "not an integer"),
+        ({"prompt_tokens": "12", "completion_tokens": 5}, "not a number"),
+        ({"prompt_tokens": 5, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": -3}}, "negative"),
+        ({"prompt_tokens": 5, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 9}}, "exceeds"),
+        ({"input_tokens": 5, "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": "x"}}, "not a number"),
+        ({"type": "duration", "seconds": -4}, "negative"),
+    ],
+)
+def test_implausible_usage(raw, reason):
+    assert reason in meter.implausible_usage(meter.parse_usage(raw))
+
+
+def test_implausible_usage_checks_every_numeric_field():
+    """Fields added to Usage later (audio, images, ...) are covered without a change here."""
+    from dataclasses import fields
+
+    for item in fields(meter.Usage):
+        if "int" not in str(item.type) and "float" not in str(item.type):
+            continue
+        usage = meter.Usage(input_tokens=10, output_tokens=10, total_tokens=20)
+        setattr(usage, item.name, -1)
+        assert item.name in meter.implausible_usage(usage)
+    assert meter.implausible_usage(meter.Usage(input_tokens=10, output_tokens=10, total_tokens=20)) is None
 
 
 # ---------------------------------------------------------------------------
