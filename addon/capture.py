@@ -35,6 +35,9 @@ MAX_PARSED_REQUEST = 8 * 1024 * 1024
 # Responses larger than this are recorded without usage rather than parsed.
 MAX_PARSED_RESPONSE = 64 * 1024 * 1024
 
+# flow.metadata key: the Call of a WebSocket upgrade, for the socket's responses.
+UPGRADE_CALL = "usage_upgrade_call"
+
 # Endpoints whose successful answers carry usage.
 USAGE_ENDPOINTS = frozenset(
     {
@@ -74,6 +77,7 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)  # for other addons (reservations)
     flow: http.HTTPFlow | None = None
     response_headers: dict[str, str] | None = None  # read once, in responseheaders
+    transport: str | None = None  # "websocket" for upgrades and the responses of a socket; else from `streamed`
 
 
 class StreamTap:
@@ -289,6 +293,10 @@ class UsageMeter:
         call = self.calls.pop(flow.id, None)
         if call is None or flow.response is None:
             return
+        if flow.response.status_code == 101 and call.transport == "websocket" and not call.blocked:
+            # The upgrade itself is no call: the socket's responses are (addon/websocket.py).
+            flow.metadata[UPGRADE_CALL] = call
+            return
         try:
             self._finish(call, flow)
         except Exception as exc:  # never let a bug break the proxy
@@ -342,6 +350,9 @@ class UsageMeter:
                 facts = _scan_request(body)
         elif "multipart/form-data" in content_type:
             facts = _scan_multipart(raw)
+        websocket = headers.get("upgrade", "").lower() == "websocket"
+        if websocket and not facts.model:  # Realtime: the model is in the URL
+            facts.model = req.query.get("model") or None
         key = meter.credential(headers)
         key_id, key_hint = meter.key_names(key) if key else (None, None)
         # An addon that rewrites credentials (issued keys) says whose call it is.
@@ -358,6 +369,7 @@ class UsageMeter:
             project=headers.get("openai-project"),
             user_agent=(headers.get("user-agent") or "")[:200] or None,
             flow=flow,
+            transport="websocket" if websocket else None,
         )
         model = facts.model or endpoint.deployment
         assert self.matcher is not None and self.config is not None
@@ -456,9 +468,36 @@ class UsageMeter:
               error: str | None = None, status: int | None = None) -> None:
         if call.finished:
             return
-        call.finished = True
-        now = time.time()
         response = flow.response if flow is not None else None
+        ttfb = None
+        end = time.time()
+        if response is not None:
+            if response.timestamp_start:
+                ttfb = (response.timestamp_start - call.started) * 1000
+            if call.stream is not None and call.stream.first_byte:
+                ttfb = (call.stream.first_byte - call.started) * 1000
+            if response.timestamp_end:
+                end = response.timestamp_end
+        headers = _response_headers(call, response) if response is not None else {}
+        if response is None and "response_head" in call.extra:  # shut down mid-stream
+            status = status or call.extra["response_head"][0]
+            headers = {"x-request-id": call.extra["response_head"][1]}
+        if status is None and response is not None:
+            status = response.status_code
+        self.record(call, outcome, facts=facts, error=error, status=status, ttfb=ttfb, end=end, headers=headers)
+
+    def record(self, call: Call, outcome: str, *, facts: Any = None, error: str | None = None,
+               status: int | None = None, ttfb: float | None = None, end: float | None = None,
+               headers: dict[str, str] | None = None) -> None:
+        """Build the row of a finished call (HTTP exchange or WebSocket response) and hand it to the writer.
+
+        `ttfb` is in ms from `call.started`; `end` a timestamp (now when omitted).
+        """
+        if call.finished:
+            return
+        call.finished = True
+        end = end if end is not None else time.time()
+        headers = headers or {}
         usage = getattr(facts, "usage", None) if facts is not None else None
         response_id = getattr(facts, "response_id", None) or call.endpoint.response_id
         answered_model = getattr(facts, "model", None)
@@ -474,19 +513,6 @@ class UsageMeter:
                 if len(self.counted_responses) > 100_000:
                     self.counted_responses.popitem(last=False)
         started = datetime.fromtimestamp(call.started, timezone.utc)
-        ttfb = None
-        end = now
-        if response is not None:
-            if response.timestamp_start:
-                ttfb = (response.timestamp_start - call.started) * 1000
-            if call.stream is not None and call.stream.first_byte:
-                ttfb = (call.stream.first_byte - call.started) * 1000
-            if response.timestamp_end:
-                end = response.timestamp_end
-        headers = _response_headers(call, response) if response is not None else {}
-        if response is None and "response_head" in call.extra:  # shut down mid-stream
-            status = status or call.extra["response_head"][0]
-            headers = {"x-request-id": call.extra["response_head"][1]}
         row: dict[str, Any] = {
             "ts": iso_utc(started),
             "day": self._local_day(started),
@@ -497,7 +523,7 @@ class UsageMeter:
             "model": model,
             "requested_model": call.request.model,
             "pool": pool,
-            "status": status if status is not None else response.status_code if response is not None else None,
+            "status": status,
             "outcome": outcome,
             "streamed": int(call.streamed or call.request.stream),
             "latency_ms": round((end - call.started) * 1000, 1),
@@ -511,6 +537,7 @@ class UsageMeter:
             "user_agent": call.user_agent,
             "error": error[:500] if error else None,
             "response_id": response_id,
+            "transport": call.transport or ("sse" if call.streamed else "http"),
         }
         if usage is not None:
             row.update(usage.as_columns())

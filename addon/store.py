@@ -61,6 +61,7 @@ REQUEST_COLUMNS: dict[str, type] = {
     "audio_seconds": float,  # whisper-1 bills by duration
     "label": str,  # who the key belongs to (config [keys] or issued keys)
     "requested_model": str,
+    "transport": str,  # http | sse | websocket
 }
 
 REQUEST_INDEXES: list[tuple[str, ...]] = [
@@ -71,6 +72,7 @@ REQUEST_INDEXES: list[tuple[str, ...]] = [
     ("model",),
     ("outcome",),
     ("response_id",),
+    ("transport",),
 ]
 
 # Every table of the database: name -> (columns, pk, indexes).

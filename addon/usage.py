@@ -16,9 +16,12 @@ from addon.capture import UsageMeter  # noqa: E402
 from addon.enforce import Limits  # noqa: E402
 from addon.issued_keys import IssuedKeys  # noqa: E402
 from addon.prices import Pricing  # noqa: E402
+from addon.websocket import WebSocketMeter  # noqa: E402
 
 meter = UsageMeter()
+limits = Limits(meter)
 # IssuedKeys goes first: it sets the identity the meter records.
+# WebSocketMeter precedes the meter: its done() records responses in flight before the meter closes the writer.
 # Limits comes right after the meter, whose request hook classifies the call.
 # Pricing follows the meter: it prices rows with the meter's freshly loaded config.
-addons = [IssuedKeys(meter), meter, Pricing(meter), Limits(meter), BodyLog(meter)]
+addons = [IssuedKeys(meter), WebSocketMeter(meter, limits), meter, Pricing(meter), limits, BodyLog(meter)]
