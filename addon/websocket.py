@@ -100,7 +100,9 @@ class WebSocketMeter:
         kind = ws_events.sniff_type(content, ws_events.CLIENT_EVENTS)
         if kind is None:
             return None
-        obj = ws_events.parse_event(content, kind)
+        kind, obj = ws_events.parse_event(content, kind, ws_events.CLIENT_EVENTS)
+        if kind is None:
+            return None
         pending = sock.tracker.client_event(kind, obj, len(content), message.timestamp or time.time())
         if pending is None:
             return None
@@ -162,10 +164,12 @@ class WebSocketMeter:
         kind = ws_events.sniff_type(content, ws_events.SERVER_EVENTS)
         if kind is None:
             return
-        obj = ws_events.parse_event(content, kind)
+        kind, obj = ws_events.parse_event(content, kind, ws_events.SERVER_EVENTS)
+        if kind is None:
+            return
+        if len(content) > ws_events.MAX_PARSED_FRAME:
+            log.warning("usage: %s event of %d bytes on %s not parsed whole", kind, len(content), sock.upgrade.path)
         if obj is None:
-            if len(content) > ws_events.MAX_PARSED_FRAME:
-                log.warning("usage: %s event of %d bytes on %s not parsed", kind, len(content), sock.upgrade.path)
             return
         for finished in sock.tracker.server_event(kind, obj, time.time()):
             if isinstance(finished, ws_events.Transcription):

@@ -19,6 +19,7 @@ MAX_PARSED_FRAME bytes. Nothing here touches mitmproxy.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -77,14 +78,39 @@ def sniff_type(content: bytes, wanted: frozenset[str]) -> str | None:
     return None
 
 
-def parse_event(content: bytes, kind: str) -> dict[str, Any] | None:
-    """The JSON object of a frame sniffed as `kind` (None when too big, broken or of another top-level type)."""
+def parse_event(content: bytes, sniffed: str, wanted: frozenset[str]) -> tuple[str | None, dict[str, Any] | None]:
+    """(type, JSON object) of a frame sniffed as `sniffed`: the type is the top-level one when the frame
+    parses (None when that is not `wanted`); a frame too big to parse keeps the sniffed type, without object."""
     if len(content) > MAX_PARSED_FRAME:
-        return None
+        return sniffed, _large_terminal(content, sniffed)
     obj = meter.parse_json(content)
-    if not isinstance(obj, dict) or obj.get("type") != kind:
+    if not isinstance(obj, dict):
+        return None, None
+    kind = obj.get("type")
+    return (kind, obj) if isinstance(kind, str) and kind in wanted else (None, None)
+
+
+_ID = re.compile(rb'"id"\s*:\s*"(resp_[A-Za-z0-9_-]{1,200})"')
+_USAGE_KEY = b'"usage":'
+
+
+def _large_terminal(content: bytes, kind: str) -> dict[str, Any] | None:
+    """A terminal event too big to parse whole (a long output echoed): its response id from the head and
+    its last `usage` object, decoded alone. Other big events are not looked into."""
+    if kind not in _TERMINAL_RESPONSES and kind != "response.done":
         return None
-    return obj
+    found = _ID.search(content, 0, 4096)
+    at = content.rfind(_USAGE_KEY)
+    usage = None
+    if at >= 0:
+        try:
+            usage, _ = json.JSONDecoder().raw_decode(content[at + len(_USAGE_KEY) : at + 65536].decode().lstrip())
+        except (ValueError, UnicodeDecodeError):
+            usage = None
+    response = {"usage": usage, "status": kind.rsplit(".", 1)[-1] if kind != "response.done" else None}
+    if found:
+        response["id"] = found.group(1).decode()
+    return {"type": kind, "response": response}
 
 
 @dataclass(slots=True)
