@@ -141,7 +141,10 @@ class StreamTap:
                 except Exception as exc:
                     self._give_up(f"stream parsing failed: {exc!r}")
             if keep:
-                out.append(event.raw)
+                raw = event.raw
+                if _NULL_USAGE in raw:  # added only because the proxy asked for usage
+                    raw = _without_null_usage(raw)
+                out.append(raw)
         if self.broken is not None:
             out.append(self.parser.drain())
         joined = b"".join(out)
@@ -548,6 +551,20 @@ class UsageMeter:
                 log.exception("usage: listener %r failed", listener)
         if self.writer is not None:
             self.writer.put(row)
+
+
+_NULL_USAGE = b'"usage":null'
+
+
+def _without_null_usage(raw: bytes) -> bytes:
+    """The chunk as upstream sends it to a client that did not ask for usage: without `"usage":null`.
+
+    Quotes inside JSON strings are escaped, so the unescaped key can only be a key.
+    """
+    for form in (b',"usage":null', b'"usage":null,'):
+        if form in raw:
+            return raw.replace(form, b"", 1)
+    return raw
 
 
 def _header_map(headers: http.Headers) -> dict[str, str]:

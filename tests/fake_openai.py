@@ -60,6 +60,7 @@ class Received:
     at: float = field(default_factory=time.time)  # arrival (organization usage buckets)
     usage_sent: dict | None = None  # the usage object the server produced
     frames: list[bytes] = field(default_factory=list)  # SSE frames the server meant to send
+    frames_without_usage: list[bytes] = field(default_factory=list)  # Chat: the stream had usage not been asked
     ws_messages: list[Any] = field(default_factory=list)  # WebSocket client events (parsed JSON or raw bytes)
     ws_usages: list[dict] = field(default_factory=list)  # usage objects sent over the WebSocket
 
@@ -346,33 +347,42 @@ class Handler(BaseHTTPRequestHandler):
         behavior = self.headers.get("x-fake-behavior", "")
         base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served,
                 "service_tier": "default", "system_fingerprint": "fp_fake"}
-        if include_usage:
-            base["usage"] = None
-        frames = []
-        if behavior == "azure-first-chunk":
-            frames.append(_frame({**base, "choices": [], "prompt_filter_results": [{"prompt_index": 0}]}))
-        for i in range(n):
-            frames.append(_frame({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                        "finish_reason": None}], "obfuscation": "xyz"}))
-        for c in range(chunks):
+        def build(base: dict, with_usage: bool) -> list[bytes]:
+            frames = []
+            if behavior == "azure-first-chunk":
+                frames.append(_frame({**base, "choices": [], "prompt_filter_results": [{"prompt_index": 0}]}))
             for i in range(n):
-                frames.append(_frame({**base, "choices": [{"index": i, "delta": {"content": f"tok{c} "},
-                                                            "finish_reason": None}], "obfuscation": "ab"}))
+                frames.append(_frame({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                            "finish_reason": None}], "obfuscation": "xyz"}))
+            for c in range(chunks):
+                for i in range(n):
+                    frames.append(_frame({**base, "choices": [{"index": i, "delta": {"content": f"tok{c} "},
+                                                                "finish_reason": None}], "obfuscation": "ab"}))
+            if behavior == "error-event":
+                frames.append(_frame({"error": {"message": "The server had an error", "type": "server_error",
+                                                "param": None, "code": None}}))
+                return frames
+            for i in range(n):
+                frames.append(_frame({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]}))
+            if behavior == "keepalive":
+                frames.insert(2, b": keep-alive\r\n\r\n")
+            if with_usage and behavior != "no-usage":
+                frames.append(_frame({**base, "choices": [], "usage": usage, "obfuscation": "q"}))
+            if behavior == "huge-frame":
+                frames.insert(1, _frame({**base, "choices": [{"index": 0, "delta": {"content": "x" * 20_000_000}}]}))
+            return frames
+
+        # What upstream sends a client that did not ask for usage: no `usage` key at all (tests compare).
+        received.frames_without_usage = build(base, False) + [b"data: [DONE]\n\n"]
+        if include_usage:
+            base["usage"] = None  # with include_usage, every chunk carries "usage": null
+        frames = build(base, include_usage)
         if behavior == "error-event":
-            frames.append(_frame({"error": {"message": "The server had an error", "type": "server_error",
-                                            "param": None, "code": None}}))
             return self._sse(frames)
-        for i in range(n):
-            frames.append(_frame({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]}))
-        if behavior == "keepalive":
-            frames.insert(2, b": keep-alive\r\n\r\n")
         tail = 1  # [DONE], and the usage chunk: they come with the finish chunk, not a token later
         if include_usage and behavior != "no-usage":
             received.usage_sent = usage
-            frames.append(_frame({**base, "choices": [], "usage": usage, "obfuscation": "q"}))
             tail = 2
-        if behavior == "huge-frame":
-            frames.insert(1, _frame({**base, "choices": [{"index": 0, "delta": {"content": "x" * 20_000_000}}]}))
         if behavior == "endless-frame":
             return self._endless()
         frames.append(b"data: [DONE]\n\n")
