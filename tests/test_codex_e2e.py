@@ -8,7 +8,6 @@ tests are skipped with the reason.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -76,6 +75,9 @@ def test_codex_exec_rows_equal_served_usage(proxy, fake_server, tmp_path, transp
     assert len(rows) == len(served) == sent
     assert sum(r["total_tokens"] for r in rows) == sum(u["total_tokens"] for u in served)
     assert [r["input_tokens"] for r in rows] == [u["input_tokens"] for u in served]
+    print(f"{proxy.mode}/{transport}: {len(rows)} rows, tokens recorded "
+          f"{[(r['input_tokens'], r['output_tokens'], r['total_tokens']) for r in rows]}, "
+          f"served {[(u['input_tokens'], u['output_tokens'], u['total_tokens']) for u in served]}")
     expected = "websocket" if transport == "websocket" else "sse"
     assert {r["transport"] for r in rows} == {expected}
     assert all(r["outcome"] == "ok" and r["user_agent"] and "codex" in r["user_agent"].lower() for r in rows)
@@ -84,7 +86,8 @@ def test_codex_exec_rows_equal_served_usage(proxy, fake_server, tmp_path, transp
         assert upgrade and upgrade[0]["outcome"] == "error"
 
 
-def test_codex_refused_when_pool_spent(make_proxy, fake_server, tmp_path):
+@pytest.mark.parametrize("transport", ["websocket", "http"])
+def test_codex_refused_when_pool_spent(make_proxy, fake_server, tmp_path, transport):
     config = tmp_path / "tight.toml"
     config.write_text(TIGHT_CONFIG.format(limit=120))
     proxy = make_proxy(mode="reverse", options={"usage_config": str(config)})
@@ -92,15 +95,18 @@ def test_codex_refused_when_pool_spent(make_proxy, fake_server, tmp_path):
     proxy.client().responses.create(model="gpt-5", input="x" * 400, max_output_tokens=1)
     assert proxy.wait_rows(1, "outcome = 'ok'")[0]["total_tokens"] == 107
     fake_server.state.clear()
-    result, elapsed = run_codex(proxy, tmp_path, "Say hello again.")
+    fake_server.state.websocket_refuse = transport == "http"
+    try:
+        result, elapsed = run_codex(proxy, tmp_path, "Say hello again.")
+    finally:
+        fake_server.state.websocket_refuse = False
     output = result.stdout + result.stderr
-    print(output[-3000:])
+    print(f"codex exited {result.returncode} after {elapsed:.1f} s:\n" + output[-3000:])
     assert result.returncode != 0
     # Codex shows its own text for an `insufficient_quota` error (the contract's type), not the message.
     assert "Quota exceeded" in output
     assert elapsed < 30, f"Codex took {elapsed:.1f} s to give up"
     sent, served = _upstream(fake_server)
     assert sent == 0 and served == []
-    assert proxy.wait_rows(1, "outcome = 'blocked'")
-    (tmp_path / "codex-refusal.txt").write_text(output)
-    shutil.copy(tmp_path / "codex-refusal.txt", ROOT / ".tools" / "last-codex-refusal.txt")
+    blocked = proxy.wait_rows(1, "outcome = 'blocked' and endpoint = 'responses'")
+    assert blocked and {r["transport"] for r in blocked} == {"websocket" if transport == "websocket" else "http"}

@@ -157,14 +157,21 @@ def test_realtime_upgrade_refused_when_pool_spent(make_proxy, fake_server, ws_en
         _until(conn, {"session.created"})
         conn.response.create()
         assert _until(conn, {"response.done", "error"})[-1].type == "response.done"  # 290 tokens > 100
-    assert _ws_rows(proxy, 1)[0]["total_tokens"] == 290
+        # The pool is spent: the next response.create is refused on the open socket, in Realtime's envelope.
+        conn.send({"type": "response.create", "event_id": "evt_client_2"})
+        refused = _until(conn, {"response.done", "error"})[-1]
+        assert refused.type == "error" and refused.error.code == "usage_limit_exceeded"
+        assert refused.error.event_id == "evt_client_2" and "premium" in refused.error.message
+    rows = _ws_rows(proxy, 2)
+    assert rows[0]["total_tokens"] == 290 and rows[1]["outcome"] == "blocked"
+    assert len([m for r in fake_server.state.calls("/v1/realtime") for m in r.ws_messages]) == 1
     upstream_before = len(fake_server.state.calls("/v1/realtime"))
     with pytest.raises(Exception) as refused:  # noqa: B017 - the SDK wraps the handshake failure
         with client.realtime.connect(model="gpt-realtime") as conn:
             conn.recv()
     assert "429" in str(refused.value) or isinstance(refused.value, openai.OpenAIError)
     assert len(fake_server.state.calls("/v1/realtime")) == upstream_before
-    blocked = proxy.wait_rows(1, "outcome = 'blocked'")
+    blocked = proxy.wait_rows(2, "outcome = 'blocked'")[1:]
     assert blocked and blocked[0]["status"] == 429 and blocked[0]["endpoint"] == "realtime"
 
 
