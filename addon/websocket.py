@@ -23,6 +23,7 @@ from mitmproxy import ctx, http
 from . import meter as meter_mod
 from . import ws_events
 from .capture import UPGRADE_CALL, USAGE_ENDPOINTS, Call, UsageMeter
+from .capture import _scan_request as scan_request
 from .enforce import Limits, Refusal, refusal_error
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,9 @@ class WebSocketMeter:
         kind, obj = ws_events.parse_event(content, kind, ws_events.CLIENT_EVENTS)
         if kind is None:
             return None
-        pending = sock.tracker.client_event(kind, obj, len(content), message.timestamp or time.time())
+        # A response.create too big to parse (a long context): model and limits by a cheap scan, as for HTTP.
+        scanned = scan_request(content) if obj is None and kind == "response.create" else None
+        pending = sock.tracker.client_event(kind, obj, len(content), message.timestamp or time.time(), scanned)
         if pending is None:
             return None
         call = self._call_for(sock, pending)

@@ -46,6 +46,7 @@ CLIENT_EVENTS = frozenset({"response.create", "session.update"})
 
 _HEAD = b'{"type":"'
 _TYPE = re.compile(rb'"type"\s*:\s*"([a-z_.]{1,80})"')
+_HEAD_TYPE = re.compile(rb'\{\s*"type"\s*:\s*"([a-z_.]{1,80})"')
 
 
 def protocol_of(path: str) -> str | None:
@@ -62,16 +63,22 @@ def sniff_type(content: bytes, wanted: frozenset[str]) -> str | None:
     """The event type of a text frame when it is one of `wanted`, without parsing JSON.
 
     OpenAI and its SDKs put `type` first; then only the head is read. Otherwise
-    every `"type":"..."` of the frame is looked at (a nested one may come first).
+    every `"type":"..."` of the frame (of its first 64 KB when it is too big to
+    parse) is looked at: a nested one may come first, the parse decides.
     """
     if content.startswith(_HEAD):
         end = content.find(b'"', 9, 90)
         if end > 0:
             kind = content[9:end].decode("ascii", "replace")
             return kind if kind in wanted else None
-    if len(content) > MAX_PARSED_FRAME or content[:1] != b"{":
+    head = _HEAD_TYPE.match(content)  # json.dumps' default spacing
+    if head is not None:
+        kind = head.group(1).decode("ascii")
+        return kind if kind in wanted else None
+    if content[:1] != b"{":
         return None
-    for match in _TYPE.finditer(content):
+    region = content if len(content) <= MAX_PARSED_FRAME else content[:65536]
+    for match in _TYPE.finditer(region):
         kind = match.group(1).decode("ascii")
         if kind in wanted:
             return kind
@@ -170,13 +177,20 @@ class SocketTracker:
         self.in_flight = 0
 
     # -- client ------------------------------------------------------------
-    def client_event(self, kind: str, obj: dict[str, Any] | None, size: int, now: float) -> Pending | None:
-        """A client frame: a Pending for `response.create` (not yet tracked: see `sent`), else None."""
+    def client_event(self, kind: str, obj: dict[str, Any] | None, size: int, now: float,
+                     scanned: meter.RequestFacts | None = None) -> Pending | None:
+        """A client frame: a Pending for `response.create` (not yet tracked: see `sent`), else None.
+
+        `scanned`: what a cheap scan found in a frame too big to parse (`obj` is then None)."""
         if kind == "session.update":
             if obj is not None:
                 self._session(obj.get("session"))
             return None
-        facts = request_facts(obj, size) if obj is not None else meter.RequestFacts(input_chars=size, stream=True)
+        if obj is not None:
+            facts = request_facts(obj, size)
+        else:
+            facts = scanned or meter.RequestFacts(input_chars=size)
+            facts.stream = True
         if self.protocol == REALTIME and facts.model is None:
             facts.model = self.model
         pending = Pending(started=now, request=facts)

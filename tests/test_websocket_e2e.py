@@ -274,12 +274,17 @@ def test_hostile_frames_never_stop_forwarding(make_proxy, fake_server):
                 assert frames[0] == b"\x00\x01binary\xff" and frames[1] == "this is not JSON {"
             if behavior == "huge-frame":
                 assert max(len(f) for f in frames) > 20 * 1024 * 1024
-    rows = _ws_rows(proxy, 4, timeout=30)
-    assert [r["outcome"] for r in rows] == ["ok", "ok", "no_usage", "ok"]
+        # A response.create too big to parse (5 MB of context): forwarded, model found by a scan.
+        ws.send(json.dumps({"type": "response.create", "model": "gpt-4o-mini", "input": "y" * (5 << 20)}))
+        while not (frame := ws.recv(timeout=60)).startswith('{"type":"response.completed"'):
+            pass
+    rows = _ws_rows(proxy, 5, timeout=30)
+    assert [r["outcome"] for r in rows] == ["ok", "ok", "no_usage", "ok", "ok"]
     assert rows[2]["error"] and rows[3]["total_tokens"] > 0
+    assert rows[4]["requested_model"] == "gpt-4o-mini" and rows[4]["input_tokens"] > 1_000_000
     # The client's frames all reached upstream, unchanged in number.
     received = [m for r in fake_server.state.calls("/v1/responses") for m in r.ws_messages]
-    assert len(received) == 3 + 4
+    assert len(received) == 3 + 5
     assert "Traceback" not in proxy.log()
 
 

@@ -94,3 +94,11 @@ def test_realtime_response_done_and_server_started_responses():
     tracker.sent(p)
     assert tracker.server_event("error", {"type": "error", "error": {"message": "x", "event_id": "other"}}, 6) == []
     assert tracker.server_event("error", {"type": "error", "error": {"message": "x", "event_id": "ev1"}}, 6) == [p]
+
+
+def test_sniff_reads_spaced_heads_and_big_frames():
+    spaced = json.dumps({"type": "response.create", "model": "gpt-5"}).encode()  # json.dumps' default spacing
+    assert ws.sniff_type(spaced, ws.CLIENT_EVENTS) == "response.create"
+    big = json.dumps({"type": "response.create", "input": "x" * (5 << 20)}).encode()
+    assert ws.sniff_type(big, ws.CLIENT_EVENTS) == "response.create"
+    assert ws.parse_event(big, "response.create", ws.CLIENT_EVENTS) == ("response.create", None)
