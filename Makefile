@@ -11,6 +11,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 $$HOME/.pyenv/versions/3.13*/bi
 # Codex CLI for the end-to-end tests (tests/test_codex_e2e.py), from npm into .tools/.
 CODEX_VERSION := 0.171.0
 CODEX_STAMP := .tools/.codex-$(CODEX_VERSION)
+CODEX_BIN := .tools/node_modules/.bin/codex
 
 .PHONY: install run test bench lint clean codex
 
@@ -26,12 +27,10 @@ $(STAMP): pyproject.toml requirements.lock
 run: install
 	$(PY) -m addon run
 
-codex: $(CODEX_STAMP)
-
-$(CODEX_STAMP):
-	@mkdir -p .tools
-	@if command -v npm >/dev/null 2>&1 && npm install --prefix .tools --no-audit --no-fund --silent @openai/codex@$(CODEX_VERSION); then \
-	  touch $(CODEX_STAMP); else echo "warning: could not install @openai/codex@$(CODEX_VERSION); Codex tests will be skipped"; fi
+codex:
+	@if [ ! -x $(CODEX_BIN) ] || [ ! -f $(CODEX_STAMP) ]; then mkdir -p .tools && rm -f .tools/.codex-*; \
+	  if command -v npm >/dev/null 2>&1 && npm install --prefix .tools --no-audit --no-fund --silent @openai/codex@$(CODEX_VERSION); \
+	  then touch $(CODEX_STAMP); else echo "warning: could not install @openai/codex@$(CODEX_VERSION); Codex tests will be skipped"; fi; fi
 
 test: install codex
 	$(PY) -m ruff check addon tests bench
