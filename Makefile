@@ -8,7 +8,12 @@ STAMP := $(VENV)/.installed
 PYTHON ?= $(shell for p in python3.13 python3.12 $$HOME/.pyenv/versions/3.13*/bin/python3 $$HOME/.pyenv/versions/3.12*/bin/python3 /root/.pyenv/versions/3.12*/bin/python3 python3; do \
 	  if command -v $$p >/dev/null 2>&1 && PYENV_VERSION= $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then command -v $$p; break; fi; done)
 
-.PHONY: install run test bench lint clean
+# Codex CLI for the end-to-end tests (tests/test_codex_e2e.py), from npm into .tools/.
+CODEX_VERSION := 0.171.0
+CODEX_STAMP := .tools/.codex-$(CODEX_VERSION)
+CODEX_BIN := .tools/node_modules/.bin/codex
+
+.PHONY: install run test bench lint clean codex
 
 install: $(STAMP)
 
@@ -22,7 +27,12 @@ $(STAMP): pyproject.toml requirements.lock
 run: install
 	$(PY) -m addon run
 
-test: install
+codex:
+	@if [ ! -x $(CODEX_BIN) ] || [ ! -f $(CODEX_STAMP) ]; then mkdir -p .tools && rm -f .tools/.codex-*; \
+	  if command -v npm >/dev/null 2>&1 && npm install --prefix .tools --no-audit --no-fund --silent @openai/codex@$(CODEX_VERSION); \
+	  then touch $(CODEX_STAMP); else echo "warning: could not install @openai/codex@$(CODEX_VERSION); Codex tests will be skipped"; fi; fi
+
+test: install codex
 	$(PY) -m ruff check addon tests bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # so that no client waits on another client's body.
 BODY_WORKERS = 2
 
+# flow.metadata key: the Call of a WebSocket upgrade, for the socket's responses.
+UPGRADE_CALL = "usage_upgrade_call"
+
 # Endpoints whose successful answers carry usage.
 USAGE_ENDPOINTS = frozenset(
     {
@@ -79,6 +82,7 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)  # for other addons (reservations)
     flow: http.HTTPFlow | None = None
     response_headers: dict[str, str] | None = None  # read once, in responseheaders
+    transport: str | None = None  # "websocket" for upgrades and the responses of a socket; else from `streamed`
 
 
 class StreamTap:
@@ -142,7 +146,10 @@ class StreamTap:
                 except Exception as exc:
                     self._give_up(f"stream parsing failed: {exc!r}")
             if keep:
-                out.append(event.raw)
+                raw = event.raw
+                if _NULL_USAGE in raw:  # added only because the proxy asked for usage
+                    raw = _without_null_usage(raw)
+                out.append(raw)
         if self.broken is not None:
             out.append(self.parser.drain())
         joined = b"".join(out)
@@ -333,6 +340,10 @@ class UsageMeter:
         call = self.calls.pop(flow.id, None)
         if call is None or flow.response is None:
             return None
+        if flow.response.status_code == 101 and call.transport == "websocket" and not call.blocked:
+            # The upgrade itself is no call: the socket's responses are (addon/websocket.py).
+            flow.metadata[UPGRADE_CALL] = call
+            return None
         reader = None
         if call.stream is None and not call.blocked:
             reader = _response_reader(call, flow.response)
@@ -394,6 +405,9 @@ class UsageMeter:
             facts = meter.facts_from_request(body_obj, reader.size)
         elif "multipart/form-data" in content_type:
             facts = _scan_multipart(raw)
+        websocket = headers.get("upgrade", "").lower() == "websocket"
+        if websocket and not facts.model:  # Realtime: the model is in the URL
+            facts.model = req.query.get("model") or None
         key = meter.credential(headers)
         key_id, key_hint = meter.key_names(key) if key else (None, None)
         # An addon that rewrites credentials (issued keys) says whose call it is.
@@ -410,6 +424,7 @@ class UsageMeter:
             project=headers.get("openai-project"),
             user_agent=(headers.get("user-agent") or "")[:200] or None,
             flow=flow,
+            transport="websocket" if websocket else None,
         )
         if reader is not None and reader.error:
             call.extra["body_note"] = f"request {reader.error}; not fully parsed"
@@ -507,9 +522,36 @@ class UsageMeter:
               error: str | None = None, status: int | None = None) -> None:
         if call.finished:
             return
-        call.finished = True
-        now = time.time()
         response = flow.response if flow is not None else None
+        ttfb = None
+        end = time.time()
+        if response is not None:
+            if response.timestamp_start:
+                ttfb = (response.timestamp_start - call.started) * 1000
+            if call.stream is not None and call.stream.first_byte:
+                ttfb = (call.stream.first_byte - call.started) * 1000
+            if response.timestamp_end:
+                end = response.timestamp_end
+        headers = _response_headers(call, response) if response is not None else {}
+        if response is None and "response_head" in call.extra:  # shut down mid-stream
+            status = status or call.extra["response_head"][0]
+            headers = {"x-request-id": call.extra["response_head"][1]}
+        if status is None and response is not None:
+            status = response.status_code
+        self.record(call, outcome, facts=facts, error=error, status=status, ttfb=ttfb, end=end, headers=headers)
+
+    def record(self, call: Call, outcome: str, *, facts: Any = None, error: str | None = None,
+               status: int | None = None, ttfb: float | None = None, end: float | None = None,
+               headers: dict[str, str] | None = None) -> None:
+        """Build the row of a finished call (HTTP exchange or WebSocket response) and hand it to the writer.
+
+        `ttfb` is in ms from `call.started`; `end` a timestamp (now when omitted).
+        """
+        if call.finished:
+            return
+        call.finished = True
+        end = end if end is not None else time.time()
+        headers = headers or {}
         usage = getattr(facts, "usage", None) if facts is not None else None
         response_id = getattr(facts, "response_id", None) or call.endpoint.response_id
         answered_model = getattr(facts, "model", None)
@@ -533,19 +575,6 @@ class UsageMeter:
                 if len(self.counted_responses) > 100_000:
                     self.counted_responses.popitem(last=False)
         started = datetime.fromtimestamp(call.started, timezone.utc)
-        ttfb = None
-        end = now
-        if response is not None:
-            if response.timestamp_start:
-                ttfb = (response.timestamp_start - call.started) * 1000
-            if call.stream is not None and call.stream.first_byte:
-                ttfb = (call.stream.first_byte - call.started) * 1000
-            if response.timestamp_end:
-                end = response.timestamp_end
-        headers = _response_headers(call, response) if response is not None else {}
-        if response is None and "response_head" in call.extra:  # shut down mid-stream
-            status = status or call.extra["response_head"][0]
-            headers = {"x-request-id": call.extra["response_head"][1]}
         row: dict[str, Any] = {
             "ts": iso_utc(started),
             "day": self._local_day(started),
@@ -556,7 +585,7 @@ class UsageMeter:
             "model": model,
             "requested_model": call.request.model,
             "pool": pool,
-            "status": status if status is not None else response.status_code if response is not None else None,
+            "status": status,
             "outcome": outcome,
             "streamed": int(call.streamed or call.request.stream),
             "latency_ms": round((end - call.started) * 1000, 1),
@@ -570,6 +599,7 @@ class UsageMeter:
             "user_agent": call.user_agent,
             "error": error or call.extra.get("body_note"),
             "response_id": response_id,
+            "transport": call.transport or ("sse" if call.streamed else "http"),
         }
         if outcome == "ok":
             usage = meter.complete_usage(call.endpoint.name, usage, call.request, facts)
@@ -585,6 +615,20 @@ class UsageMeter:
                 log.exception("usage: listener %r failed", listener)
         if self.writer is not None:
             self.writer.put(row)
+
+
+_NULL_USAGE = b'"usage":null'
+
+
+def _without_null_usage(raw: bytes) -> bytes:
+    """The chunk as upstream sends it to a client that did not ask for usage: without `"usage":null`.
+
+    Quotes inside JSON strings are escaped, so the unescaped key can only be a key.
+    """
+    for form in (b',"usage":null', b'"usage":null,'):
+        if form in raw:
+            return raw.replace(form, b"", 1)
+    return raw
 
 
 def _header_map(headers: http.Headers) -> dict[str, str]:

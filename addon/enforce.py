@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
@@ -36,6 +37,25 @@ log = logging.getLogger(__name__)
 
 ADMISSION_TIMEOUT = 3.0  # seconds before the fail policy decides
 TICK_INTERVAL = 1.0  # alerts evaluation and reset pick-up
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a call is not admitted: HTTP status (429 spent, 503 fail closed), the decision, the message."""
+
+    status: int
+    decision: Decision | None
+    message: str
+
+
+def refusal_error(status: int, message: str) -> dict[str, Any]:
+    """The OpenAI-shaped `error` object of a refusal (HTTP body and WebSocket `error` event)."""
+    return {
+        "message": message,
+        "type": "insufficient_quota" if status == 429 else "server_error",
+        "param": None,
+        "code": "usage_limit_exceeded" if status == 429 else "usage_unavailable",
+    }
 
 
 class Limits:
@@ -199,26 +219,64 @@ class Limits:
     # -- hooks -------------------------------------------------------------
     def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         call = self.meter.calls.get(flow.id)
+        if call is None or flow.response is not None:
+            return None
+        upgrade = call.transport == "websocket"
+        if upgrade and not call.request.model:
+            return None  # Responses WebSocket mode: each response.create is admitted on its own
+        pending = self.admit(call, b"" if upgrade else flow.request.raw_content, upgrade=upgrade)
+        if pending is None:
+            return None
+        return self._admit_request(flow, call, pending)
+
+    async def _admit_request(self, flow: http.HTTPFlow, call: Call,
+                             pending: Coroutine[Any, Any, Refusal | None]) -> None:
+        refusal = await pending
+        if refusal is not None:
+            self._block(flow, call, refusal.status, refusal.decision, refusal.message)
+
+    def admit(self, call: Call, body: bytes | None, *,
+              upgrade: bool = False) -> Coroutine[Any, Any, Refusal | None] | None:
+        """Admission of one metered call (an HTTP request or a WebSocket `response.create`).
+
+        None: admitted now, from this process's lease (or nothing limits it).
+        Otherwise a coroutine that the caller awaits for the ledger's answer:
+        None when admitted, else the Refusal to show the client. An admitted
+        call holds its reservation in `call.extra["reservation"]`, settled by
+        its row. `upgrade`: a WebSocket upgrade, admitted only while the pool
+        has tokens left; it reserves nothing.
+        """
         config = self.meter.config
         ledger = self.ledger
-        if call is None or config is None or flow.response is not None or self.executor is None or ledger is None:
+        if config is None or self.executor is None or ledger is None:
             return None
         checks = checks_for(config, call.pool, call.key_id, call.label)
         if not checks:
             return None
-        estimate = estimate_tokens(
-            call.request.input_chars, flow.request.raw_content, call.request.max_output_tokens,
-            config.estimate_output_tokens, call.endpoint.name,
-        )
-        # Most requests: admitted from this process's lease, no waiting. The
-        # hook is a plain function so that this path costs no coroutine.
+        if upgrade:
+            estimate = 1
+        else:
+            estimate = estimate_tokens(
+                call.request.input_chars, body, call.request.max_output_tokens,
+                config.estimate_output_tokens, call.endpoint.name,
+            )
+        # Most requests: admitted from this process's lease, no waiting. This
+        # path returns no coroutine, so it costs none.
         decision = ledger.admit_local(checks, estimate)
         if decision is not None:
-            call.extra["reservation"] = (decision.reservation, estimate, decision.owner)
+            self._admitted(call, decision, estimate, upgrade)
             return None
-        return self._admit(flow, call, checks, estimate)
+        return self._admit(call, checks, estimate, upgrade)
 
-    async def _admit(self, flow: http.HTTPFlow, call: Call, checks: list, estimate: int) -> None:
+    def _admitted(self, call: Call, decision: Decision, estimate: int, upgrade: bool) -> None:
+        if upgrade or call.finished:
+            # An upgrade uses nothing; a client that left while we waited is recorded against nothing.
+            if self.ledger is not None and decision.reservation is not None:
+                self.ledger.give_back(decision.reservation, estimate, decision.owner or "")
+            return
+        call.extra["reservation"] = (decision.reservation, estimate, decision.owner)
+
+    async def _admit(self, call: Call, checks: list, estimate: int, upgrade: bool) -> Refusal | None:
         # Requests arriving together are decided together: one ledger
         # transaction and one wake-up of each thread for the whole group.
         assert self.executor is not None
@@ -232,22 +290,16 @@ class Limits:
                 self.executor.submit(self._drain, loop)
             decision = await asyncio.wait_for(waiter, ADMISSION_TIMEOUT)
         except Exception as exc:  # database down, locked past the timeout, ...
-            self._fail(flow, call, checks, exc)
-            return
+            return self._fail(checks, exc)
         if self._failing:
             self._failing = False
             log.warning("usage: limits can be checked again")
         if decision.admitted:
-            if call.finished:
-                # The client left while we waited: nothing will be recorded against it.
-                if self.ledger is not None and decision.reservation is not None:
-                    self.ledger.give_back(decision.reservation, estimate, decision.owner or "")
-                return
-            call.extra["reservation"] = (decision.reservation, estimate, decision.owner)
-            return
-        self._block(flow, call, 429, decision, refusal_message(decision, self.ledger.clock() if self.ledger else None))
+            self._admitted(call, decision, estimate, upgrade)
+            return None
+        return Refusal(429, decision, refusal_message(decision, self.ledger.clock() if self.ledger else None))
 
-    def _fail(self, flow: http.HTTPFlow, call: Call, checks, exc: BaseException) -> None:
+    def _fail(self, checks, exc: BaseException) -> Refusal | None:
         policy = ctx.options.usage_fail or ("closed" if any(c.pool.fail == "closed" for c in checks) else "open")
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if not self._failing:  # log the state change, not every request
@@ -255,10 +307,10 @@ class Limits:
             log.warning("usage: cannot check limits (%s); pools fail %s until the database answers",
                         reason, ctx.options.usage_fail or "per their `fail` setting")
         if policy == "open":
-            return
+            return None
         message = (f"Usage limits for pool '{checks[0].pool.name}' cannot be checked right now ({reason}); "
                    "the usage proxy is configured to refuse requests then (fail closed).")
-        self._block(flow, call, 503, None, message)
+        return Refusal(503, None, message)
 
     def _block(self, flow: http.HTTPFlow, call: Call, status: int, decision: Decision | None, message: str) -> None:
         call.blocked = True
@@ -277,12 +329,7 @@ class Limits:
             headers["x-usage-pool"] = decision.check.pool.name
             if decision.resets_at is not None:
                 headers["x-usage-resets-at"] = decision.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-        error = {
-            "message": message,
-            "type": "insufficient_quota" if status == 429 else "server_error",
-            "param": None,
-            "code": "usage_limit_exceeded" if status == 429 else "usage_unavailable",
-        }
+        error = refusal_error(status, message)
         flow.response = http.Response.make(status, json.dumps({"error": error}).encode(), headers)
 
     def on_dropped(self, rows: list[dict[str, Any]]) -> None:

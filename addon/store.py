@@ -78,6 +78,7 @@ REQUEST_COLUMNS: dict[str, type] = {
     "cost_status": str,  # priced | free | unknown_price | no_usage
     "uid": str,  # unique across proxies: `collect` inserts each row once (addon/redis_rows.py)
     "origin": str,  # the proxy database a collected row came from
+    "transport": str,  # http | sse | websocket
 }
 
 # Longest text kept per column: every text a request or an answer can put in a
@@ -124,6 +125,7 @@ REQUEST_INDEXES: list[tuple[str, ...]] = [
     ("model",),
     ("outcome",),
     ("response_id",),
+    ("transport",),
 ]
 
 # Every table of the database: name -> (columns, pk, indexes).

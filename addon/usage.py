@@ -19,12 +19,15 @@ from addon.intercept import InterceptOnlyMetered  # noqa: E402
 from addon.issued_keys import IssuedKeys  # noqa: E402
 from addon.prices import Pricing  # noqa: E402
 from addon.redis_rows import RedisRows  # noqa: E402
+from addon.websocket import WebSocketMeter  # noqa: E402
 
 meter = UsageMeter()
+limits = Limits(meter)
 # IssuedKeys goes first: it sets the identity the meter records.
+# WebSocketMeter precedes the meter: its done() records responses in flight before the meter closes the writer.
 # Limits comes right after the meter, whose request hook classifies the call.
 # Pricing follows the meter: it prices rows with the meter's freshly loaded config.
 # InterceptOnlyMetered decides at the TLS handshake, before any request.
 issued = IssuedKeys(meter)
-addons = [InterceptOnlyMetered(meter), issued, meter, Pricing(meter), Limits(meter), BodyLog(meter),
-          ExposureWarning(issued), RedisRows()]
+addons = [InterceptOnlyMetered(meter), issued, WebSocketMeter(meter, limits), meter, Pricing(meter), limits,
+          BodyLog(meter), ExposureWarning(issued), RedisRows()]

@@ -286,6 +286,11 @@ def main() -> int:
     parser.add_argument("--no-pin", action="store_true", help="do not pin mitmdump and the client to separate cores")
     parser.add_argument("--ttfb-samples", type=int, default=60, help="streamed requests for TTFB (default 60)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--scenario", choices=("all", "http", "websocket"), default="all",
+                        help="http: throughput and TTFB; websocket: Responses WebSocket mode (default: both)")
+    parser.add_argument("--ws-sockets", type=int, default=8, help="WebSocket scenario: sockets (default 8)")
+    parser.add_argument("--ws-turns", type=int, default=20, help="WebSocket scenario: turns per socket (default 20)")
+    parser.add_argument("--ws-chunks", type=int, default=30, help="WebSocket scenario: deltas per response")
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
@@ -307,14 +312,25 @@ def main() -> int:
         (workdir / "stream_sse.py").write_text(STREAM_SSE)
         for name in VARIANTS:
             proxies[name] = Mitmdump(name, workdir, confdir, fake_port, proxy_cpus)
-        results = run(proxies, psutil.Process(fake.pid), args)
+        results: dict = {}
+        if args.scenario in ("all", "http"):
+            results = run(proxies, psutil.Process(fake.pid), args)
+        if args.scenario in ("all", "websocket"):
+            from ws_scenario import run_websocket
+
+            results["websocket"] = run_websocket({n: proxies[n] for n in ("plain", "addon")}, args)
         results["rows_written"] = {name: rows_in(proxies[name].db) for name in ("meter", "addon")}
     finally:
         for proxy in proxies.values():
             proxy.stop()
         fake.terminate()
         fake.wait(10)
-    report(results, args)
+    if args.scenario in ("all", "http"):
+        report(results, args)
+    if "websocket" in results:
+        from ws_scenario import report_websocket
+
+        report_websocket(results["websocket"], args)
     cores = os.cpu_count() or 1
     load_after = os.getloadavg()[0]
     print(f"machine: {cores} cores, load average {load_before:.1f} before, {load_after:.1f} after")

@@ -529,7 +529,8 @@ REQUEST_COLUMNS = _columns(
     pool="Token pool the model counts against",
     status="HTTP status the client got (NULL when none was sent)",
     outcome="ok, error, blocked (refused by a limit), aborted, no_usage",
-    streamed="1 for SSE responses",
+    streamed="1 for SSE responses and WebSocket responses",
+    transport="http (one body), sse (an event stream) or websocket (a response on a socket: Codex CLI, Realtime)",
     input_tokens="Input tokens (includes cached_tokens)",
     cached_tokens="Cached input tokens (part of input_tokens)",
     output_tokens="Output tokens (includes reasoning_tokens)",
@@ -585,10 +586,11 @@ def build() -> dict[str, Any]:
                 "description": "Written by the mitmproxy addon (addon/usage.py); read-only here.",
                 "tables": {
                     "requests": {
-                        "description": "One row per metered HTTP exchange, blocked ones too. Tokens follow "
+                        "description": "One row per metered HTTP exchange (over WebSocket: per response), "
+                        "blocked ones too. Tokens follow "
                         "OpenAI's rule: cached is part of input, reasoning part of output, total = input + output.",
                         "sort_desc": "id",
-                        "facets": ["model", "pool", "outcome", "key_hint"],
+                        "facets": ["model", "pool", "outcome", "transport", "key_hint"],
                         "units": {"latency_ms": "ms", "ttfb_ms": "ms", "audio_seconds": "s"},
                         "columns": REQUEST_COLUMNS,
                     },

@@ -63,11 +63,15 @@ class Received:
     at: float = field(default_factory=time.time)  # arrival (organization usage buckets)
     usage_sent: dict | None = None  # the usage object the server produced
     frames: list[bytes] = field(default_factory=list)  # SSE frames the server meant to send
+    frames_without_usage: list[bytes] = field(default_factory=list)  # Chat: the stream had usage not been asked
+    ws_messages: list[Any] = field(default_factory=list)  # WebSocket client events (parsed JSON or raw bytes)
+    ws_usages: list[dict] = field(default_factory=list)  # usage objects sent over the WebSocket
 
 
 @dataclass
 class FakeState:
     received: list[Received] = field(default_factory=list)
+    websocket_refuse: bool = False  # answer WebSocket upgrades 426 (clients fall back to HTTP)
     background: dict[str, int] = field(default_factory=dict)  # id -> polls left
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -78,6 +82,17 @@ class FakeState:
     def clear(self) -> None:
         with self.lock:
             self.received.clear()
+            self.websocket_refuse = False
+
+    def usage_served(self, path_part: str = "") -> list[dict]:
+        """Every usage object this server sent (HTTP answers and WebSocket events)."""
+        with self.lock:
+            found = []
+            for r in self.received:
+                if path_part in r.path:
+                    found += [r.usage_sent] if r.usage_sent else []
+                    found += r.ws_usages
+            return found
 
 
 def count_tokens(obj: Any) -> int:
@@ -241,6 +256,8 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes --------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802
+        if self.headers.get("upgrade", "").lower() == "websocket":
+            return FakeWebSocket(self).serve()
         received = self._record(b"")
         match = re.match(r"^/v1/responses/([^/?]+)", self.path)
         if match:
@@ -341,33 +358,42 @@ class Handler(BaseHTTPRequestHandler):
         behavior = self.headers.get("x-fake-behavior", "")
         base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served,
                 **self._tier(), "system_fingerprint": "fp_fake"}
-        if include_usage:
-            base["usage"] = None
-        frames = []
-        if behavior == "azure-first-chunk":
-            frames.append(_frame({**base, "choices": [], "prompt_filter_results": [{"prompt_index": 0}]}))
-        for i in range(n):
-            frames.append(_frame({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                        "finish_reason": None}], "obfuscation": "xyz"}))
-        for c in range(chunks):
+        def build(base: dict, with_usage: bool) -> list[bytes]:
+            frames = []
+            if behavior == "azure-first-chunk":
+                frames.append(_frame({**base, "choices": [], "prompt_filter_results": [{"prompt_index": 0}]}))
             for i in range(n):
-                frames.append(_frame({**base, "choices": [{"index": i, "delta": {"content": f"tok{c} "},
-                                                            "finish_reason": None}], "obfuscation": "ab"}))
+                frames.append(_frame({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                            "finish_reason": None}], "obfuscation": "xyz"}))
+            for c in range(chunks):
+                for i in range(n):
+                    frames.append(_frame({**base, "choices": [{"index": i, "delta": {"content": f"tok{c} "},
+                                                                "finish_reason": None}], "obfuscation": "ab"}))
+            if behavior == "error-event":
+                frames.append(_frame({"error": {"message": "The server had an error", "type": "server_error",
+                                                "param": None, "code": None}}))
+                return frames
+            for i in range(n):
+                frames.append(_frame({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]}))
+            if behavior == "keepalive":
+                frames.insert(2, b": keep-alive\r\n\r\n")
+            if with_usage and behavior != "no-usage":
+                frames.append(_frame({**base, "choices": [], "usage": usage, "obfuscation": "q"}))
+            if behavior == "huge-frame":
+                frames.insert(1, _frame({**base, "choices": [{"index": 0, "delta": {"content": "x" * 20_000_000}}]}))
+            return frames
+
+        # What upstream sends a client that did not ask for usage: no `usage` key at all (tests compare).
+        received.frames_without_usage = build(base, False) + [b"data: [DONE]\n\n"]
+        if include_usage:
+            base["usage"] = None  # with include_usage, every chunk carries "usage": null
+        frames = build(base, include_usage)
         if behavior == "error-event":
-            frames.append(_frame({"error": {"message": "The server had an error", "type": "server_error",
-                                            "param": None, "code": None}}))
             return self._sse(frames)
-        for i in range(n):
-            frames.append(_frame({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]}))
-        if behavior == "keepalive":
-            frames.insert(2, b": keep-alive\r\n\r\n")
         tail = 1  # [DONE], and the usage chunk: they come with the finish chunk, not a token later
         if include_usage and behavior != "no-usage":
             received.usage_sent = usage
-            frames.append(_frame({**base, "choices": [], "usage": usage, "obfuscation": "q"}))
             tail = 2
-        if behavior == "huge-frame":
-            frames.insert(1, _frame({**base, "choices": [{"index": 0, "delta": {"content": "x" * 20_000_000}}]}))
         if behavior == "endless-frame":
             return self._endless()
         frames.append(b"data: [DONE]\n\n")
@@ -603,6 +629,276 @@ def _frame(obj: Any) -> bytes:
 def _event(kind: str, payload: dict, seq) -> bytes:
     obj = {"type": kind, "sequence_number": next(seq), **payload}
     return f"event: {kind}\n".encode() + b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+# ---------------------------------------------------------------------------
+# WebSocket: Responses WebSocket mode (/v1/responses) and Realtime (/v1/realtime)
+
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class FakeWebSocket:
+    """One upgraded connection of the fake server, on the handler's thread.
+
+    Responses WebSocket mode: each `response.create` is answered with the SSE
+    stream's events (one JSON text frame each); responses with a `stream_id`
+    run on their own lane, concurrently, and echo it. Per-response control in
+    the create's `metadata`: `fake_delay` (seconds between events),
+    `fake_behavior`: hostile (binary, non-JSON and unknown-type frames first) |
+    huge-frame (a 20 MB delta) | no-usage | error-event | stall (stop after
+    response.created for `fake_stall` s) | close (close after response.created)
+    | failed | incomplete. Realtime: `session.created` on connect,
+    `session.update` -> `session.updated`, `response.create` -> `response.done`
+    with text/audio usage, `input_audio_buffer.commit` -> a transcription with
+    its usage. Upgrades are refused (426) while `state.websocket_refuse` is set.
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.state: FakeState = handler.server.state
+        self.sock = handler.connection
+        self.send_lock = threading.Lock()
+        self.closed = threading.Event()
+        self.lanes: dict[Any, Any] = {}
+        self.seq = iter(range(10**9))
+        self.received: Received | None = None
+
+    def serve(self) -> None:
+        import base64
+        import hashlib
+
+        from wsproto.connection import Connection, ConnectionType
+
+        h = self.handler
+        self.received = h._record(b"")
+        h.close_connection = True
+        path = h.path.split("?", 1)[0]
+        if self.state.websocket_refuse or not path.endswith(("/responses", "/realtime")):
+            return h._json(426 if self.state.websocket_refuse else 404, {"error": {
+                "message": "WebSocket upgrade refused by the fake server", "type": "invalid_request_error",
+                "param": None, "code": "websocket_not_supported"}})
+        key = h.headers.get("sec-websocket-key", "")
+        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode()).digest()).decode()
+        h.send_response(101)
+        h.send_header("upgrade", "websocket")
+        h.send_header("connection", "Upgrade")
+        h.send_header("sec-websocket-accept", accept)
+        h.send_header("x-request-id", "req_" + uuid.uuid4().hex[:16])
+        h.end_headers()
+        h.wfile.flush()
+        self.conn = Connection(ConnectionType.SERVER)
+        self.realtime = path.endswith("/realtime")
+        if self.realtime:
+            from urllib.parse import parse_qs, urlsplit
+
+            model = (parse_qs(urlsplit(h.path).query).get("model") or ["gpt-realtime"])[0]
+            self.session = {"type": "realtime", "object": "realtime.session", "id": "sess_" + uuid.uuid4().hex[:12],
+                            "model": model, "output_modalities": ["audio"],
+                            "audio": {"input": {"transcription": None}}}
+            self.send({"type": "session.created", "session": self.session})
+        try:
+            self._read_loop()
+        finally:
+            self.closed.set()
+            for queue_ in self.lanes.values():
+                queue_.put(None)
+
+    def _read_loop(self) -> None:
+        from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+        parts: list[Any] = []
+        while not self.closed.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except (OSError, ssl.SSLError):
+                return
+            self.conn.receive_data(data or None)
+            for event in self.conn.events():
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    parts.append(event.data)
+                    if event.message_finished:
+                        message = "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
+                        parts = []
+                        self._client_event(message)
+                elif isinstance(event, Ping):
+                    self._send_raw(self.conn.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    try:
+                        self._send_raw(self.conn.send(event.response()))
+                    except Exception:
+                        pass
+                    return
+            if not data:
+                return
+
+    # -- sending -------------------------------------------------------------
+    def _send_raw(self, data: bytes) -> None:
+        with self.send_lock:
+            self.sock.sendall(data)
+
+    def send(self, obj: Any, binary: bool = False) -> None:
+        from wsproto.events import BytesMessage, TextMessage
+
+        if self.closed.is_set():
+            return
+        if isinstance(obj, dict):
+            obj = {"type": obj["type"], "event_id" if self.realtime else "sequence_number":
+                   ("event_" + uuid.uuid4().hex[:16]) if self.realtime else next(self.seq),
+                   **{k: v for k, v in obj.items() if k != "type"}}
+            text = json.dumps(obj, separators=(",", ":"))
+        else:
+            text = obj
+        event = BytesMessage(data=text) if binary else TextMessage(data=text)
+        try:
+            with self.send_lock:
+                self.sock.sendall(self.conn.send(event))
+        except (OSError, ssl.SSLError, Exception):
+            self.closed.set()
+
+    def close(self) -> None:
+        from wsproto.events import CloseConnection
+
+        try:
+            self._send_raw(self.conn.send(CloseConnection(code=1011, reason="fake server closed")))
+        except Exception:
+            pass
+        self.closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- client events -------------------------------------------------------
+    def _client_event(self, message: str | bytes) -> None:
+        try:
+            obj = json.loads(message)
+        except (ValueError, RecursionError):
+            obj = None
+        assert self.received is not None
+        with self.state.lock:
+            self.received.ws_messages.append(obj if obj is not None else message)
+        if not isinstance(obj, dict):
+            return self.send({"type": "error", "status": 400, "error": {"type": "invalid_request_error",
+                                                                        "code": "invalid_json",
+                                                                        "message": "not JSON", "param": None}})
+        kind = obj.get("type")
+        if self.realtime:
+            return self._realtime(kind, obj)
+        if kind == "response.create":
+            lane = obj.get("stream_id")
+            if lane not in self.lanes:
+                import queue
+
+                self.lanes[lane] = queue.Queue()
+                threading.Thread(target=self._lane, args=(self.lanes[lane],), daemon=True).start()
+            self.lanes[lane].put(obj)
+
+    def _lane(self, queue_) -> None:
+        while True:
+            obj = queue_.get()
+            if obj is None:
+                return
+            try:
+                self._response(obj)
+            except Exception:
+                self.closed.set()
+                return
+
+    def _response(self, create: dict) -> None:
+        lane = create.get("stream_id")
+        meta = create.get("metadata") if isinstance(create.get("metadata"), dict) else {}
+        behavior = meta.get("fake_behavior", "")
+        delay = float(meta.get("fake_delay") or 0)
+        extra = {"stream_id": lane} if lane is not None else {}
+        model = create.get("model", "gpt-5")
+        served = _served_model(model)
+        rid = "resp_" + uuid.uuid4().hex[:24]
+        prompt = count_tokens(create.get("input")) + count_tokens(create.get("instructions"))
+        chunks = int(meta.get("fake_chunks") or 3)
+        usage = _responses_usage(prompt, chunks + 4, reasoning=4)
+
+        def emit(kind: str, payload: dict) -> None:
+            if delay:
+                time.sleep(delay)
+            self.send({"type": kind, **payload, **extra})
+
+        if behavior == "hostile":
+            self.send(b"\x00\x01binary\xff", binary=True)
+            self.send("this is not JSON {")
+            self.send(json.dumps({"type": "response.weird_new_event", "x": 1}))
+            self.send(json.dumps([1, 2, 3]))
+        if behavior == "error-event":
+            return emit("error", {"status": 400, "error": {"type": "invalid_request_error", "code": "bad_thing",
+                                                            "message": "fake error event", "param": None}})
+        emit("response.created", {"response": _response_object(rid, served, "in_progress", None)})
+        if behavior == "stall":
+            time.sleep(float(meta.get("fake_stall") or 30))
+            return
+        if behavior == "close":
+            return self.close()
+        emit("response.in_progress", {"response": _response_object(rid, served, "in_progress", None)})
+        emit("response.output_item.added", {"output_index": 0, "item": {
+            "id": "msg_1", "type": "message", "status": "in_progress", "content": [], "role": "assistant"}})
+        emit("response.content_part.added", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                             "part": {"type": "output_text", "text": "", "annotations": []}})
+        if behavior == "huge-frame":
+            emit("response.output_text.delta", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                                 "delta": "x" * (20 * 1024 * 1024), "logprobs": []})
+        for i in range(chunks):
+            emit("response.output_text.delta", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                                 "delta": f"w{i} ", "logprobs": [], "obfuscation": "zz"})
+        part = {"type": "output_text", "text": "done", "annotations": []}
+        emit("response.output_text.done", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                            "text": "done"})
+        emit("response.content_part.done", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                             "part": part})
+        emit("response.output_item.done", {"output_index": 0, "item": {
+            "id": "msg_1", "type": "message", "status": "completed", "content": [part], "role": "assistant"}})
+        status = {"failed": "failed", "incomplete": "incomplete"}.get(behavior, "completed")
+        if behavior == "no-usage":
+            return emit("response.completed", {"response": _response_object(rid, served, "completed", None)})
+        with self.state.lock:
+            assert self.received is not None
+            self.received.ws_usages.append(usage)
+        emit(f"response.{status}", {"response": _response_object(rid, served, status, usage, text="done")})
+
+    # -- Realtime --------------------------------------------------------------
+    def _realtime(self, kind: Any, obj: dict) -> None:
+        if kind == "session.update":
+            session = obj.get("session") if isinstance(obj.get("session"), dict) else {}
+            self.session = {**self.session, **session}
+            return self.send({"type": "session.updated", "session": self.session})
+        if kind == "input_audio_buffer.commit":
+            item = "item_" + uuid.uuid4().hex[:12]
+            self.send({"type": "input_audio_buffer.committed", "item_id": item, "previous_item_id": None})
+            usage = {"type": "tokens", "input_tokens": 25, "input_token_details": {"text_tokens": 0,
+                                                                                    "audio_tokens": 25},
+                     "output_tokens": 6, "total_tokens": 31}
+            with self.state.lock:
+                assert self.received is not None
+                self.received.ws_usages.append(usage)
+            return self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item,
+                              "content_index": 0, "transcript": "hello", "usage": usage})
+        if kind != "response.create":
+            return
+        rid = "resp_" + uuid.uuid4().hex[:20]
+        response = {"object": "realtime.response", "id": rid, "status": "in_progress", "output": [],
+                    "usage": None, "conversation_id": "conv_1", "output_modalities": ["audio"]}
+        self.send({"type": "response.created", "response": response})
+        self.send({"type": "response.output_item.added", "response_id": rid, "output_index": 0,
+                   "item": {"id": "item_a", "type": "message", "role": "assistant", "content": []}})
+        for i in range(3):
+            self.send({"type": "response.output_audio_transcript.delta", "response_id": rid, "item_id": "item_a",
+                       "output_index": 0, "content_index": 0, "delta": f"t{i} "})
+        usage = {"total_tokens": 290, "input_tokens": 200, "output_tokens": 90,
+                 "input_token_details": {"text_tokens": 120, "audio_tokens": 80, "image_tokens": 0,
+                                         "cached_tokens": 64,
+                                         "cached_tokens_details": {"text_tokens": 64, "audio_tokens": 0}},
+                 "output_token_details": {"text_tokens": 30, "audio_tokens": 60}}
+        with self.state.lock:
+            assert self.received is not None
+            self.received.ws_usages.append(usage)
+        self.send({"type": "response.done", "response": {**response, "status": "completed", "usage": usage}})
 
 
 class FakeServer(ThreadingHTTPServer):

@@ -151,9 +151,9 @@ def test_stream_tap_forwards_every_byte(parts, strip, encoding):
         out.extend(result if isinstance(result, list) else [result])
     sent = b"".join(parts)
     got = b"".join(out)
-    if not strip or tap.meter.usage is None:
+    if not strip or (tap.meter.usage is None and b'"usage":null' not in sent):
         assert got == sent
-    else:  # only the usage-only chunk the proxy asked for may be cut out
+    else:  # only the usage-only chunk the proxy asked for, and "usage":null keys, may be cut out
         assert len(got) <= len(sent)
 
 
