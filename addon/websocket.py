@@ -20,10 +20,9 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
+from . import bounded, ws_events
 from . import meter as meter_mod
-from . import ws_events
 from .capture import UPGRADE_CALL, USAGE_ENDPOINTS, Call, UsageMeter
-from .capture import _scan_request as scan_request
 from .enforce import Limits, Refusal, refusal_error
 
 log = logging.getLogger(__name__)
@@ -104,8 +103,8 @@ class WebSocketMeter:
         kind, obj = ws_events.parse_event(content, kind, ws_events.CLIENT_EVENTS)
         if kind is None:
             return None
-        # A response.create too big to parse (a long context): model and limits by a cheap scan, as for HTTP.
-        scanned = scan_request(content) if obj is None and kind == "response.create" else None
+        # A response.create too big to parse (a long context): its top-level keys by a scan, as for HTTP bodies.
+        scanned = _scan_top_level(content) if obj is None and kind == "response.create" else None
         pending = sock.tracker.client_event(kind, obj, len(content), message.timestamp or time.time(), scanned)
         if pending is None:
             return None
@@ -218,3 +217,9 @@ class WebSocketMeter:
         for pending in sock.tracker.close(time.time()):
             pending.error = reason
             self._emit(sock, pending)
+
+
+def _scan_top_level(content: bytes) -> meter_mod.RequestFacts:
+    """Request facts of a message too big to parse, from its top-level keys only."""
+    found = bounded.top_level_fields(content)
+    return meter_mod.facts_from_request(found[0] if found else None, len(content))
