@@ -12,7 +12,6 @@ import fnmatch
 import logging
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -34,6 +33,15 @@ log = logging.getLogger(__name__)
 MAX_PARSED_REQUEST = 8 * 1024 * 1024
 # Responses larger than this are recorded without usage rather than parsed.
 MAX_PARSED_RESPONSE = 64 * 1024 * 1024
+
+# Flows in flight when a script reload removed the meter: the next instance
+# meters them to their end (the module outlives the script's reload).
+_HANDOVER: dict[str, Call] = {}
+
+# Batch statuses after which a batch's `usage` is final (and billed).
+BATCH_FINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
+# Requests that open a door to spending elsewhere: an ephemeral Realtime key.
+REALTIME_DOORS = frozenset({"realtime.client_secrets", "realtime.sessions", "realtime.transcription_sessions"})
 
 # Endpoints whose successful answers carry usage.
 USAGE_ENDPOINTS = frozenset(
@@ -157,12 +165,12 @@ class UsageMeter:
         self.writer: Writer | None = None
         self.hosts: list[str] = []
         self.calls: dict[str, Call] = {}
-        self.counted_responses: OrderedDict[str, None] = OrderedDict()
         self.listeners: list[Any] = []  # objects with on_row(call, row) (enforcement, alerts)
         self.prepare_rows: Any = None  # set by the pricing addon
         self.after_commit: Any = None
         self.max_sse_buffer = 16 * 1024 * 1024
         self.stopped = False  # done() ran: the writer is closed
+        self.reloading = False  # done() ran for a script reload: flows in flight went to the next instance
         self._host_cache: dict[str, tuple[str, bool]] = {}
         self._day_cache: tuple[int, str] = (-1, "")  # (quarter hour since the epoch, local day)
 
@@ -182,6 +190,9 @@ class UsageMeter:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if _HANDOVER and not self.stopped:  # a script reload: meter the flows still in flight
+            self.calls.update(_HANDOVER)
+            _HANDOVER.clear()
         if "usage_config" in updated or self.config is None:
             try:
                 self.config = config_mod.load(ctx.options.usage_config or None)
@@ -218,10 +229,20 @@ class UsageMeter:
     def _after_commit(self, db, rows) -> None:
         if self.after_commit is not None:
             self.after_commit(db, rows)
+        for listener in self.listeners:
+            on_committed = getattr(listener, "on_committed", None)
+            if on_committed is not None:
+                on_committed(rows)
 
     def done(self) -> None:
         should_exit = getattr(getattr(ctx, "master", None), "should_exit", None)
         shutting_down = should_exit is None or should_exit.is_set()
+        if not shutting_down:
+            # A script reload: the flows go on, and so does their metering,
+            # in the next instance (their stream taps are on the flows).
+            _HANDOVER.update(self.calls)
+            self.calls.clear()
+            self.reloading = True
         for call in list(self.calls.values()):
             # Flows still open at shutdown: record what is known. A stream
             # whose end already went to the client is complete, not aborted.
@@ -359,9 +380,15 @@ class UsageMeter:
             user_agent=(headers.get("user-agent") or "")[:200] or None,
             flow=flow,
         )
-        model = facts.model or endpoint.deployment
         assert self.matcher is not None and self.config is not None
+        if endpoint.name in REALTIME_DOORS and facts.model is None:
+            facts.model = _realtime_model(body_obj)
+        model = facts.model or endpoint.deployment
         call.pool = self.matcher.pool_for(model) if model or endpoint.name in USAGE_ENDPOINTS else None
+        if endpoint.name == "batches":  # a batch's usage counts in the batch pool (its model's, when none)
+            call.pool = self.config.batch_pool or (self.matcher.pool_for(model) if model else None)
+        elif endpoint.name in REALTIME_DOORS:  # the key spends in the model's pool
+            call.pool = self.matcher.pool_for(model)
         if isinstance(identity, dict):
             call.key_id = identity.get("key_id")
             call.key_hint = identity.get("key_hint")
@@ -464,15 +491,17 @@ class UsageMeter:
         answered_model = getattr(facts, "model", None)
         model = answered_model or call.request.model or call.endpoint.deployment
         pool = call.pool or (self.matcher.pool_for(model) if model and self.matcher else None)
-        if usage is not None and response_id:
-            # Background responses: count a response's usage once, however
-            # often it is polled or streamed.
-            if response_id in self.counted_responses:
+        processing = None
+        if call.endpoint.name == "batches":
+            # A batch's usage is final, and billed, once the batch is; its
+            # rows are counted once per batch id like responses (store.insert_rows).
+            processing = "batch"
+            if getattr(facts, "status", None) not in BATCH_FINAL_STATUSES:
                 usage = None
-            else:
-                self.counted_responses[response_id] = None
-                if len(self.counted_responses) > 100_000:
-                    self.counted_responses.popitem(last=False)
+            if self.config is not None and self.config.batch_pool:
+                pool = self.config.batch_pool
+        elif call.method == "GET" and call.endpoint.name in ("chat.completions", "completions"):
+            usage = None  # a stored completion read back: counted when it was made
         started = datetime.fromtimestamp(call.started, timezone.utc)
         ttfb = None
         end = now
@@ -511,7 +540,10 @@ class UsageMeter:
             "user_agent": call.user_agent,
             "error": error[:500] if error else None,
             "response_id": response_id,
+            "conversation": call.request.conversation,
         }
+        if processing is not None:
+            row["processing"] = processing
         if usage is not None:
             row.update(usage.as_columns())
         for listener in self.listeners:
@@ -521,6 +553,20 @@ class UsageMeter:
                 log.exception("usage: listener %r failed", listener)
         if self.writer is not None:
             self.writer.put(row)
+
+
+def _realtime_model(body: Any) -> str | None:
+    """The model of a Realtime client secret or session request: the session's,
+    else its transcription's."""
+    if not isinstance(body, dict):
+        return None
+    session = body.get("session") if isinstance(body.get("session"), dict) else {}
+    audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
+    audio_input = audio.get("input") if isinstance(audio.get("input"), dict) else {}
+    for holder in (session, body.get("input_audio_transcription"), audio_input.get("transcription")):
+        if isinstance(holder, dict) and isinstance(holder.get("model"), str):
+            return holder["model"]
+    return None
 
 
 def _header_map(headers: http.Headers) -> dict[str, str]:

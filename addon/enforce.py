@@ -14,7 +14,8 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Coroutine
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,12 +23,13 @@ from mitmproxy import command, ctx, exceptions, http
 
 from .alerts import AlertEvaluator, WebhookSender, ensure_dedupe_index
 from .capture import Call, UsageMeter
+from .estimate import PreviousUsage, estimate, is_continuation
 from .limits import (
     HEARTBEAT_INTERVAL,
     Decision,
     Ledger,
     checks_for,
-    estimate_tokens,
+    never_fits,
     refusal_message,
     seconds_until,
 )
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 ADMISSION_TIMEOUT = 3.0  # seconds before the fail policy decides
 TICK_INTERVAL = 1.0  # alerts evaluation and reset pick-up
+RECENT_RESPONSES = 4096  # usage of the latest responses, for continuations before their rows land
 
 
 class Limits:
@@ -51,7 +54,12 @@ class Limits:
         self._key: tuple | None = None
         self._ticks = 0
         self._failing = False
-        self._pending: list[tuple[list, int, asyncio.Future]] = []  # admissions waiting for the ledger
+        # Admissions waiting for the ledger: (checks, estimate, waiter); the
+        # estimate is a function of the ledger when it needs a look-up.
+        self._pending: list[tuple[list, Any, asyncio.Future]] = []
+        # response id (and "conversation:" + id) -> usage, as settled here: a
+        # continuation's previous response is usually the one just finished.
+        self.recent: OrderedDict[str, PreviousUsage] = OrderedDict()
         self._pending_lock = threading.Lock()
         self._drain_scheduled = False
 
@@ -93,8 +101,10 @@ class Limits:
         self._ticker.start()
 
     def done(self) -> None:
-        # The meter's done() ran first and wrote every row: nothing is in flight.
-        self._shutdown(final=True)
+        # Shutting down, the meter's done() ran first and wrote every row:
+        # nothing is in flight. A script reload keeps the flows in flight:
+        # their reservations stay (the new instance's rows take them off).
+        self._shutdown(final=self.meter.stopped)
 
     def _shutdown(self, final: bool = False) -> None:
         self._stop.set()
@@ -145,7 +155,7 @@ class Limits:
             return
         self._ticks += 1
         # Each step on its own: one failing must not skip the others.
-        steps = [ledger.release_idle, self._evaluate_alerts]
+        steps = [ledger.give_up_crossed, ledger.release_idle, self._evaluate_alerts]
         if self._ticks % int(HEARTBEAT_INTERVAL / TICK_INTERVAL) == 1:
             steps.insert(0, ledger.heartbeat)
         for step in steps:
@@ -171,7 +181,9 @@ class Limits:
         if not batch:
             return
         try:
-            decisions = self.ledger.admit_many([(checks, estimate) for checks, estimate, _ in batch])
+            ledger = self.ledger
+            decisions = ledger.admit_many([(checks, estimate if isinstance(estimate, int) else estimate(ledger))
+                                           for checks, estimate, _ in batch])
         except BaseException as exc:
             loop.call_soon_threadsafe(self._resolve, [(waiter, None, exc) for _, _, waiter in batch])
             return
@@ -205,26 +217,48 @@ class Limits:
         checks = checks_for(config, call.pool, call.key_id, call.label)
         if not checks:
             return None
-        estimate = estimate_tokens(
-            call.request.input_chars, flow.request.raw_content, call.request.max_output_tokens,
-            config.estimate_output_tokens, call.endpoint.name,
-        )
+        facts, endpoint, body = call.request, call.endpoint.name, flow.request.raw_content
+        previous = None
+        if is_continuation(facts):
+            previous = self.previous_known(facts.previous_response_id, facts.conversation)
+            if previous is None:
+                # Recorded by another process, or earlier: the database knows (ledger thread).
+                def with_previous(ledger: Ledger) -> int:
+                    found = ledger.previous_usage(facts.previous_response_id, facts.conversation)
+                    return estimate(facts, endpoint, config, found, body)
+
+                return self._admit(flow, call, checks, with_previous)
+        needed = estimate(facts, endpoint, config, previous, body)
+        too_big = never_fits(checks, needed)
+        if too_big is not None:
+            decision = Decision(False, None, too_big, estimate=needed, reason="never")
+            self._block(flow, call, 429, decision, refusal_message(decision, ledger.clock()))
+            return None
         # Most requests: admitted from this process's lease, no waiting. The
         # hook is a plain function so that this path costs no coroutine.
-        decision = ledger.admit_local(checks, estimate)
+        decision = ledger.admit_local(checks, needed)
         if decision is not None:
-            call.extra["reservation"] = (decision.reservation, estimate, decision.owner)
+            call.extra["reservation"] = (decision.reservation, needed, decision.owner)
             return None
-        return self._admit(flow, call, checks, estimate)
+        return self._admit(flow, call, checks, needed)
 
-    async def _admit(self, flow: http.HTTPFlow, call: Call, checks: list, estimate: int) -> None:
+    def previous_known(self, response_id: str | None, conversation: str | None) -> PreviousUsage | None:
+        """Usage of a continuation's previous response settled by this process (event loop, no I/O)."""
+        if response_id:
+            return self.recent.get(response_id)
+        if conversation:
+            return self.recent.get("conversation:" + conversation)
+        return None
+
+    async def _admit(self, flow: http.HTTPFlow, call: Call, checks: list,
+                     needed: int | Callable[[Ledger], int]) -> None:
         # Requests arriving together are decided together: one ledger
         # transaction and one wake-up of each thread for the whole group.
         assert self.executor is not None
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Decision] = loop.create_future()
         with self._pending_lock:
-            self._pending.append((checks, estimate, waiter))
+            self._pending.append((checks, needed, waiter))
             schedule, self._drain_scheduled = not self._drain_scheduled, True
         try:
             if schedule:
@@ -236,6 +270,7 @@ class Limits:
         if self._failing:
             self._failing = False
             log.warning("usage: limits can be checked again")
+        estimate = decision.estimate
         if decision.admitted:
             if call.finished:
                 # The client left while we waited: nothing will be recorded against it.
@@ -271,10 +306,11 @@ class Limits:
         }
         if decision is not None and decision.check is not None:
             now = self.ledger.clock() if self.ledger else None
-            if now is not None:
+            # A request larger than the whole limit gets no promise of a reset.
+            if now is not None and decision.reason != "never":
                 headers["retry-after"] = str(seconds_until(decision.resets_at, now))
             headers["x-usage-pool"] = decision.check.pool.name
-            if decision.resets_at is not None:
+            if decision.resets_at is not None and decision.reason != "never":
                 headers["x-usage-resets-at"] = decision.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
         error = {
             "message": message,
@@ -293,19 +329,65 @@ class Limits:
             held = row.get("_reservation")
             if held:
                 ledger.give_back(*held)
+                if row.get("_settled"):
+                    ledger.landed(held[0], held[2], row["_settled"])
+
+    def on_committed(self, rows: list[dict[str, Any]]) -> None:
+        """Rows written (writer thread): settled usage is in the rows now, no longer the lease's to show."""
+        ledger = self.ledger
+        if ledger is None:
+            return
+        for row in rows:
+            settled = row.get("_settled")
+            if settled:
+                reservation, _, owner = row["_reservation"]
+                ledger.landed(reservation, owner, settled)
 
     def on_row(self, call: Call, row: dict[str, Any]) -> None:
-        # The writer takes the tokens off the lease in the transaction that
-        # inserts the row (store.insert_rows); what the estimate had too many
-        # is spare for this process's next requests at once.
+        # Settled at once: the request's usage counts against the lease now
+        # (usage beyond the estimate too), and the writer takes it off the
+        # lease in the transaction that inserts the row (store.insert_rows);
+        # what the estimate had too many is spare for the next requests.
+        used = row.get("total_tokens") or 0
+        self._remember(row, used)
         reservation = call.extra.get("reservation")
         if reservation is None:
             return
         reservation_id, estimate, owner = reservation
         held = estimate
-        if self.ledger is not None and owner is not None:
-            held = self.ledger.settle(reservation_id, owner, estimate, row.get("total_tokens") or 0)
+        ledger = self.ledger
+        if ledger is not None and owner is not None:
+            held = ledger.settle(reservation_id, owner, estimate, used)
+            if used and held == used:
+                row["_settled"] = used
+            if used > estimate and self.executor is not None:
+                try:  # the usage beyond the estimate goes into the database now, not at the next admission
+                    self.executor.submit(self._pay_debts, ledger)
+                except RuntimeError:
+                    pass  # shutting down
         row["_reservation"] = (reservation_id, held, owner)
+
+    @staticmethod
+    def _pay_debts(ledger: Ledger) -> None:
+        try:
+            if ledger.has_debt():
+                ledger.release_idle()
+        except Exception as exc:
+            log.debug("usage: could not record usage beyond estimates yet: %s", exc)
+
+    def _remember(self, row: dict[str, Any], used: int) -> None:
+        """Keep what a response used for a continuation that may follow at once."""
+        if not used or not row.get("response_id"):
+            return
+        usage = PreviousUsage(row.get("input_tokens") or 0, row.get("output_tokens") or 0)
+        keys = [row["response_id"]]
+        if row.get("conversation"):
+            keys.append("conversation:" + row["conversation"])
+        for key in keys:
+            self.recent[key] = usage
+            self.recent.move_to_end(key)
+        while len(self.recent) > RECENT_RESPONSES:
+            self.recent.popitem(last=False)
 
     # -- commands ----------------------------------------------------------
     @command.command("usage.reset")

@@ -213,6 +213,10 @@ class RequestFacts:
     service_tier: str | None = None
     input_chars: int = 0  # rough size of the prompt, for estimates
     json_ok: bool = False
+    n: int = 1  # choices asked for: each one is billed its own output
+    best_of: int | None = None  # legacy completions: candidates generated (and billed)
+    previous_response_id: str | None = None  # a continuation: OpenAI bills the previous context again
+    conversation: str | None = None  # a Responses conversation id: its latest response's context is input
 
 
 def facts_from_request(obj: Any, body_size: int = 0) -> RequestFacts:
@@ -234,6 +238,18 @@ def facts_from_request(obj: Any, body_size: int = 0) -> RequestFacts:
             break
     tier = obj.get("service_tier")
     facts.service_tier = tier if isinstance(tier, str) else None
+    n = _int(obj.get("n"))
+    if n is not None and n > 1:
+        facts.n = n
+    best_of = _int(obj.get("best_of"))
+    if best_of is not None and best_of > 1:
+        facts.best_of = best_of
+    previous = obj.get("previous_response_id")
+    facts.previous_response_id = previous if isinstance(previous, str) and previous else None
+    conversation = obj.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+    facts.conversation = conversation if isinstance(conversation, str) and conversation else None
     return facts
 
 
