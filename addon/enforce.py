@@ -104,7 +104,7 @@ class Limits:
         # Shutting down, the meter's done() ran first and wrote every row:
         # nothing is in flight. A script reload keeps the flows in flight:
         # their reservations stay (the new instance's rows take them off).
-        self._shutdown(final=self.meter.stopped)
+        self._shutdown(final=not self.meter.reloading)
 
     def _shutdown(self, final: bool = False) -> None:
         self._stop.set()
@@ -213,6 +213,8 @@ class Limits:
         config = self.meter.config
         ledger = self.ledger
         if call is None or config is None or flow.response is not None or self.executor is None or ledger is None:
+            return None
+        if call.method != "POST":  # reading (a batch, a response) spends nothing
             return None
         checks = checks_for(config, call.pool, call.key_id, call.label)
         if not checks:
@@ -352,6 +354,8 @@ class Limits:
         self._remember(row, used)
         reservation = call.extra.get("reservation")
         if reservation is None:
+            if used and self.ledger is not None and row.get("pool"):
+                self.ledger.unforeseen(row["pool"], used)
             return
         reservation_id, estimate, owner = reservation
         held = estimate

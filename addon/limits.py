@@ -370,6 +370,17 @@ class Ledger:
                 lease.spare = lease.cap = 0
             return used
 
+    def unforeseen(self, pool: str, used: int) -> None:
+        """Usage no admission reserved (a background response or a batch read back): it eats the
+        room of this process's leases in the pool; a lease without room gives its spare up."""
+        with self._lease_lock:
+            for (lease_pool, _), lease in self._leases.items():
+                if lease_pool == pool and lease.id is not None:
+                    lease.room -= used
+                    if lease.room < 0 and lease.spare:
+                        lease.excess += lease.spare
+                        lease.spare = lease.cap = 0
+
     def landed(self, reservation: int, owner: str, used: int) -> None:
         """The row of a settled request is written (writer thread): its usage is in the rows now."""
         scope = (reservation, owner)
@@ -859,10 +870,11 @@ def window_phrase(window: str) -> str:
 def refusal_message(decision: Decision, now: datetime) -> str:
     check = decision.check
     assert check is not None
-    whose = f"the pool '{check.pool.name}'" + (f" for key {check.key_id}" if check.key_id else "")
+    whose = f"pool '{check.pool.name}'" + (f" for key {check.key_id}" if check.key_id else "")
     if decision.reason == "never":
-        return (f"This request needs about {decision.estimate:,} tokens, more than {whose}'s whole "
-                f"{window_phrase(check.pool.window.kind)} limit of {check.limit:,}: it can never be admitted. "
+        return (f"This request needs about {decision.estimate:,} tokens, more than the whole "
+                f"{window_phrase(check.pool.window.kind)} limit of {whose} ({check.limit:,} tokens): "
+                "it can never be admitted. "
                 "Ask for fewer output tokens (max_tokens, n) or send less input. "
                 "Refused by the usage proxy before reaching OpenAI.")
     when = iso_utc(decision.resets_at).replace(".000Z", "Z") if decision.resets_at else None

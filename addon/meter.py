@@ -57,7 +57,13 @@ def classify(method: str, path: str) -> Endpoint:
     return Endpoint(name, deployment)
 
 
+# Path segments of the API that look like ids to the rule below.
+_NOT_IDS = frozenset({"transcription_sessions"})
+
+
 def _looks_like_id(segment: str) -> bool:
+    if segment in _NOT_IDS:
+        return False
     return bool(re.search(r"[_-][A-Za-z0-9]{8,}$", segment)) or segment.isdigit()
 
 

@@ -575,7 +575,7 @@ def test_a_request_larger_than_the_whole_limit_never_fits(setup):
     decision = ledger.admit(premium, 1001)
     assert not decision.admitted and decision.reason == "never"
     message = refusal_message(decision, clock.now)
-    assert "needs about 1,001 tokens, more than the pool 'premium''s whole daily limit of 1,000" in message
+    assert "needs about 1,001 tokens, more than the whole daily limit of pool 'premium' (1,000 tokens)" in message
     assert "resets" not in message
     assert reserved_in_db(db) == 0
     alice = checks_for(config, "premium", "abc123", None)  # the key's own limit, 300
