@@ -65,7 +65,8 @@ def test_n_answers_are_estimated_and_a_request_larger_than_the_limit_never_fits(
     headers = refused.value.response.headers
     assert headers["x-should-retry"] == "false" and "retry-after" not in headers
     message = refused.value.body["message"]
-    assert "needs about 10,1" in message and "more than the whole daily limit of pool 'premium' (2,000 tokens)" in message
+    assert "needs about 10,1" in message
+    assert "more than the whole daily limit of pool 'premium' (2,000 tokens)" in message
     assert "resets" not in message
     # n that fits the limit but not what is left: an ordinary refusal.
     answer = client.chat.completions.create(model="gpt-4o", messages=PROMPT, n=10, max_tokens=100,
