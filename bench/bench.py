@@ -286,6 +286,8 @@ def main() -> int:
     parser.add_argument("--no-pin", action="store_true", help="do not pin mitmdump and the client to separate cores")
     parser.add_argument("--ttfb-samples", type=int, default=60, help="streamed requests for TTFB (default 60)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--tail-rounds", type=int, default=3,
+                        help="rounds of the tail-latency scenario (bench/tail.py) per proxy; 0 skips it (default 3)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
@@ -309,12 +311,22 @@ def main() -> int:
             proxies[name] = Mitmdump(name, workdir, confdir, fake_port, proxy_cpus)
         results = run(proxies, psutil.Process(fake.pid), args)
         results["rows_written"] = {name: rows_in(proxies[name].db) for name in ("meter", "addon")}
+        for proxy in proxies.values():
+            proxy.stop()
+        if args.tail_rounds:
+            from tail import run_tail
+
+            results["tail"] = run_tail(workdir, confdir, fake_port, proxy_cpus, args.tail_rounds, 200)
     finally:
         for proxy in proxies.values():
             proxy.stop()
         fake.terminate()
         fake.wait(10)
     report(results, args)
+    if "tail" in results:
+        from tail import report_tail
+
+        report_tail(results["tail"], 200, args.tail_rounds)
     cores = os.cpu_count() or 1
     load_after = os.getloadavg()[0]
     print(f"machine: {cores} cores, load average {load_before:.1f} before, {load_after:.1f} after")
