@@ -26,6 +26,7 @@ from .capture import Call, UsageMeter
 from .estimate import PreviousUsage, estimate, is_continuation
 from .limits import (
     HEARTBEAT_INTERVAL,
+    Check,
     Decision,
     Ledger,
     checks_for,
@@ -33,6 +34,7 @@ from .limits import (
     refusal_message,
     seconds_until,
 )
+from .meter import RequestFacts
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +221,27 @@ class Limits:
         checks = checks_for(config, call.pool, call.key_id, call.label)
         if not checks:
             return None
-        facts, endpoint, body = call.request, call.endpoint.name, flow.request.raw_content
+        outcome = self.decide(checks, call.request, call.endpoint.name, flow.request.raw_content)
+        if isinstance(outcome, Decision):
+            # Most requests: admitted from this process's lease, no waiting. The
+            # hook is a plain function so that this path costs no coroutine.
+            self._apply(flow, call, outcome)
+            return None
+        return self._admit(flow, call, checks, outcome)
+
+    def decide(self, checks: list[Check], facts: RequestFacts, endpoint: str,
+               body: bytes | None) -> Decision | asyncio.Future[Decision]:
+        """Admit or refuse one request (an HTTP body, a WebSocket `response.create`) on the event loop.
+
+        A Decision when it is decided at once: admitted from this process's
+        lease, or refused as larger than a whole limit. Otherwise a future of
+        the ledger thread's decision (which also looks up the previous
+        response of a continuation this process did not see); it raises
+        when the database cannot answer. An admitted decision's
+        (reservation, estimate, owner) must go into `call.extra["reservation"]`.
+        """
+        config, ledger = self.meter.config, self.ledger
+        assert config is not None and ledger is not None
         previous = None
         if is_continuation(facts):
             previous = self.previous_known(facts.previous_response_id, facts.conversation)
@@ -229,20 +251,15 @@ class Limits:
                     found = ledger.previous_usage(facts.previous_response_id, facts.conversation)
                     return estimate(facts, endpoint, config, found, body)
 
-                return self._admit(flow, call, checks, with_previous)
+                return self._queue(checks, with_previous)
         needed = estimate(facts, endpoint, config, previous, body)
         too_big = never_fits(checks, needed)
         if too_big is not None:
-            decision = Decision(False, None, too_big, estimate=needed, reason="never")
-            self._block(flow, call, 429, decision, refusal_message(decision, ledger.clock()))
-            return None
-        # Most requests: admitted from this process's lease, no waiting. The
-        # hook is a plain function so that this path costs no coroutine.
+            return Decision(False, None, too_big, estimate=needed, reason="never")
         decision = ledger.admit_local(checks, needed)
         if decision is not None:
-            call.extra["reservation"] = (decision.reservation, needed, decision.owner)
-            return None
-        return self._admit(flow, call, checks, needed)
+            return decision
+        return self._queue(checks, needed)
 
     def previous_known(self, response_id: str | None, conversation: str | None) -> PreviousUsage | None:
         """Usage of a continuation's previous response settled by this process (event loop, no I/O)."""
@@ -252,19 +269,28 @@ class Limits:
             return self.recent.get("conversation:" + conversation)
         return None
 
-    async def _admit(self, flow: http.HTTPFlow, call: Call, checks: list,
-                     needed: int | Callable[[Ledger], int]) -> None:
+    def _queue(self, checks: list[Check], needed: int | Callable[[Ledger], int]) -> asyncio.Future[Decision]:
         # Requests arriving together are decided together: one ledger
         # transaction and one wake-up of each thread for the whole group.
-        assert self.executor is not None
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Decision] = loop.create_future()
+        executor = self.executor
         with self._pending_lock:
             self._pending.append((checks, needed, waiter))
             schedule, self._drain_scheduled = not self._drain_scheduled, True
+        if schedule:
+            try:
+                assert executor is not None
+                executor.submit(self._drain, loop)
+            except (RuntimeError, AssertionError) as exc:  # shutting down
+                with self._pending_lock:
+                    self._pending, self._drain_scheduled = [], False
+                waiter.set_exception(RuntimeError(f"usage ledger is not running ({exc})"))
+        return waiter
+
+    async def _admit(self, flow: http.HTTPFlow, call: Call, checks: list[Check],
+                     waiter: asyncio.Future[Decision]) -> None:
         try:
-            if schedule:
-                self.executor.submit(self._drain, loop)
             decision = await asyncio.wait_for(waiter, ADMISSION_TIMEOUT)
         except Exception as exc:  # database down, locked past the timeout, ...
             self._fail(flow, call, checks, exc)
@@ -272,14 +298,16 @@ class Limits:
         if self._failing:
             self._failing = False
             log.warning("usage: limits can be checked again")
-        estimate = decision.estimate
+        if decision.admitted and call.finished:
+            # The client left while we waited: nothing will be recorded against it.
+            if self.ledger is not None and decision.reservation is not None:
+                self.ledger.give_back(decision.reservation, decision.estimate, decision.owner or "")
+            return
+        self._apply(flow, call, decision)
+
+    def _apply(self, flow: http.HTTPFlow, call: Call, decision: Decision) -> None:
         if decision.admitted:
-            if call.finished:
-                # The client left while we waited: nothing will be recorded against it.
-                if self.ledger is not None and decision.reservation is not None:
-                    self.ledger.give_back(decision.reservation, estimate, decision.owner or "")
-                return
-            call.extra["reservation"] = (decision.reservation, estimate, decision.owner)
+            call.extra["reservation"] = (decision.reservation, decision.estimate, decision.owner)
             return
         self._block(flow, call, 429, decision, refusal_message(decision, self.ledger.clock() if self.ledger else None))
 

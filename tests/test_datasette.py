@@ -104,7 +104,8 @@ def test_status_matches_rows(filled):
     status = ds.json("/usage/status.json?_shape=array")
     assert isinstance(status, list)
     by_pool = {s["pool"]: s for s in status}
-    assert set(by_pool) == {"premium", "mini", "tiny"}
+    # batch: the track-only pool batches count in when the config names none (batch_pool)
+    assert set(by_pool) == {"premium", "mini", "tiny", "batch"}
     now = datetime.now(timezone.utc)
     rows = rows_of(proxy.db)
     for name, window_start in (("premium", now.replace(hour=0, minute=0, second=0, microsecond=0)),
