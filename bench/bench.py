@@ -316,7 +316,7 @@ def main() -> int:
         if args.tail_rounds:
             from tail import run_tail
 
-            results["tail"] = run_tail(workdir, confdir, fake_port, proxy_cpus, args.tail_rounds, 200)
+            results["tail"] = run_tail(workdir, confdir, proxy_cpus, client_cpus, args.tail_rounds, 200)
     finally:
         for proxy in proxies.values():
             proxy.stop()

@@ -13,7 +13,10 @@ sending a request to its first streamed chunk; its 95th percentile through
   flight the pool's room runs out, spare tokens shrink to none, and
   admissions go to the database (the ledger thread).
 
-Rounds alternate between the proxies. Run alone with
+The upstream is the fake server over plain HTTP (reverse mode to
+http://api.openai.com, routed to it), so that 200 TLS handshakes a round do
+not saturate the proxy's core and drown what admission costs; the clients
+talk plain HTTP to the proxies too. Rounds alternate between the proxies. Run alone with
 `.venv/bin/python bench/tail.py [--rounds 3] [--calls 200]`; `make bench`
 runs it after the throughput benchmark.
 """
@@ -86,11 +89,11 @@ async def burst(port: int, calls: int, spread: float, chunks: int, delay: float)
     return firsts, statuses
 
 
-def start(name: str, workdir: Path, confdir: Path, fake_port: int, cpus: set[int] | None) -> tuple[subprocess.Popen,
-                                                                                                    int]:
+def start(name: str, workdir: Path, confdir: Path, fake_port: int,
+          cpus: set[int] | None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     args = [str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "--listen-port", str(port),
-            "--mode", "reverse:https://api.openai.com", "--set", f"confdir={confdir}",
+            "--mode", "reverse:http://api.openai.com", "--set", f"confdir={confdir}",
             "--set", "ssl_insecure=true", "--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
             "-s", str(ROOT / "tests" / "route.py")]
     if name == "plain-str":
@@ -136,11 +139,16 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20)[-1] if len(values) >= 20 else float("nan")
 
 
-def run_tail(workdir: Path, confdir: Path, fake_port: int, cpus: set[int] | None, rounds: int, calls: int,
-             spread: float = 2.0, chunks: int = 20, delay: float = 0.1) -> dict:
+def run_tail(workdir: Path, confdir: Path, cpus: set[int] | None, client_cpus: set[int] | None, rounds: int,
+             calls: int, spread: float = 2.0, chunks: int = 20, delay: float = 0.1) -> dict:
+    """Start a plain-HTTP fake upstream and the three proxies, run the rounds, stop everything."""
     procs: dict[str, tuple[subprocess.Popen, int]] = {}
     results: dict = {name: {"first_ms": [], "round_p95_ms": [], "statuses": {}} for name in VARIANTS}
+    fake_port = free_port()
+    fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_openai.py"), "--port", str(fake_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=pin(client_cpus))
     try:
+        wait_port(fake_port, timeout=30, proc=fake)
         for name in VARIANTS:
             procs[name] = start(name, workdir, confdir, fake_port, cpus)
         for name in VARIANTS:  # warm up: upstream TLS, imports, the first ledger transaction
@@ -169,6 +177,8 @@ def run_tail(workdir: Path, confdir: Path, fake_port: int, cpus: set[int] | None
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        fake.terminate()
+        fake.wait(10)
     return results
 
 
@@ -176,7 +186,7 @@ def report_tail(results: dict, calls: int, rounds: int) -> None:
     base = results["plain-str"]
     print()
     print(f"tail latency: {calls} streamed calls per round arriving over 2 s, ~2 s each, one connection each, "
-          f"{rounds} rounds per proxy; pool of addon-near at {results['near_used_percent_before']:.1f} % of its "
+          f"{rounds} rounds per proxy, plain HTTP upstream; pool of addon-near at {results['near_used_percent_before']:.1f} % of its "
           f"limit before the rounds, {results['near_used_percent_after']:.1f} % after")
     print()
     print(f"| {'first streamed chunk, ms':28} | {'plain-str':>9} | {'addon':>9} | {'addon-near':>10} | "
@@ -212,15 +222,7 @@ def main() -> int:
     if len(cores) >= 2 and not args.no_pin:
         proxy_cpus, client_cpus = {cores[-1]}, set(cores[:-1])
         os.sched_setaffinity(0, client_cpus)
-    fake_port = free_port()
-    fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_openai.py"), "--port", str(fake_port),
-                             "--tls"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=pin(client_cpus))
-    try:
-        wait_port(fake_port, timeout=30, proc=fake)
-        results = run_tail(workdir, workdir / "conf", fake_port, proxy_cpus, args.rounds, args.calls)
-    finally:
-        fake.terminate()
-        fake.wait(10)
+    results = run_tail(workdir, workdir / "conf", proxy_cpus, client_cpus, args.rounds, args.calls)
     report_tail(results, args.calls, args.rounds)
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     if args.json:
