@@ -186,8 +186,9 @@ def report_tail(results: dict, calls: int, rounds: int) -> None:
     base = results["plain-str"]
     print()
     print(f"tail latency: {calls} streamed calls per round arriving over 2 s, ~2 s each, one connection each, "
-          f"{rounds} rounds per proxy, plain HTTP upstream; pool of addon-near at {results['near_used_percent_before']:.1f} % of its "
-          f"limit before the rounds, {results['near_used_percent_after']:.1f} % after")
+          f"{rounds} rounds per proxy, plain HTTP upstream; pool of addon-near at "
+          f"{results['near_used_percent_before']:.1f} % of its limit before the rounds, "
+          f"{results['near_used_percent_after']:.1f} % after")
     print()
     print(f"| {'first streamed chunk, ms':28} | {'plain-str':>9} | {'addon':>9} | {'addon-near':>10} | "
           f"{'addon vs p-str':>14} | {'near vs p-str':>13} |")
