@@ -8,10 +8,11 @@ sending a request to its first streamed chunk; its 95th percentile through
 - `plain-str`: plain mitmdump with the 4-line script that streams SSE;
 - `addon`: addon/usage.py with the bundled pools (far from their limits:
   admitted from the lease, in memory);
-- `addon-near`: addon/usage.py with the calls' pool at 90.4 % of its limit
-  when the run starts: with ~200 requests of ~1,060 estimated tokens in
-  flight the pool's room runs out, spare tokens shrink to none, and
-  admissions go to the database (the ledger thread).
+- `addon-near`: addon/usage.py with the calls' pool at 90.8 % of its limit
+  when each round starts (a reset and a row re-anchor it): with up to 200
+  requests of ~530 estimated tokens in flight the pool's room runs out,
+  spare tokens shrink to none, and admissions go to the database (the
+  ledger thread).
 
 The upstream is the fake server over plain HTTP (reverse mode to
 http://api.openai.com, routed to it), so that 200 TLS handshakes a round do
@@ -43,8 +44,8 @@ from conftest import free_port, wait_port  # noqa: E402
 
 from bench import BIN, STREAM_SSE, Connection, pin, request_bytes  # noqa: E402
 
-NEAR_LIMIT = 2_500_000
-NEAR_USED = 2_260_000  # 90.4 %: 240,000 left, room for 200 calls of ~1,060 estimated tokens in flight
+NEAR_LIMIT = 1_200_000
+NEAR_USED = 1_090_000  # 90.8 %: 110,000 left, room for 200 calls of ~530 estimated tokens in flight
 NEAR_CONFIG = f"""
 timezone = "UTC"
 default_pool = "tail"
@@ -57,9 +58,8 @@ VARIANTS = ("plain-str", "addon", "addon-near")
 
 
 def call_bytes(port: int, chunks: int, delay: float) -> bytes:
-    # No max_tokens: the estimate assumes 1,024 output tokens (the default), far
-    # more than the answer: every call holds ~1,060 tokens while in flight.
-    body = {"model": "gpt-4o-mini", "stream": True,
+    # max_tokens 500, far more than the answer: every call holds ~530 tokens while in flight.
+    body = {"model": "gpt-4o-mini", "stream": True, "max_tokens": 500,
             "messages": [{"role": "user", "content": "Write a haiku about proxies."}]}
     return request_bytes(port, "/v1/chat/completions", json.dumps(body).encode(),
                          {"x-fake-chunks": str(chunks), "x-fake-delay": str(delay)})
@@ -115,7 +115,7 @@ def start(name: str, workdir: Path, confdir: Path, fake_port: int,
 
 
 def prefill(db: Path) -> None:
-    """One row that puts the pool at NEAR_USED of its limit, now."""
+    """A reset and one row that put the pool at NEAR_USED of its limit, now (running proxies pick it up)."""
     from addon import store
     from addon.windows import iso_utc, utc_now
 
@@ -123,6 +123,7 @@ def prefill(db: Path) -> None:
     store.migrate(database)
     now = utc_now()
     with database.conn:
+        database.conn.execute("INSERT INTO resets (ts, pool, note) VALUES (?, 'tail', 'bench')", (iso_utc(now),))
         store.insert_rows(database, [{"ts": iso_utc(now), "day": now.date().isoformat(), "pool": "tail",
                                       "model": "gpt-4o-mini", "endpoint": "chat.completions", "outcome": "ok",
                                       "input_tokens": NEAR_USED, "output_tokens": 0, "total_tokens": NEAR_USED}])
@@ -131,7 +132,8 @@ def prefill(db: Path) -> None:
 
 def used_percent(db: Path) -> float:
     with sqlite3.connect(db) as conn:
-        (used,) = conn.execute("select coalesce(sum(total_tokens), 0) from requests where pool = 'tail'").fetchone()
+        (used,) = conn.execute("select coalesce(sum(total_tokens), 0) from requests where pool = 'tail' and ts >= "
+                               "(select max(ts) from resets where pool = 'tail')").fetchone()
     return 100.0 * used / NEAR_LIMIT
 
 
@@ -157,6 +159,9 @@ def run_tail(workdir: Path, confdir: Path, cpus: set[int] | None, client_cpus: s
         for round_no in range(rounds):
             shift = round_no % len(VARIANTS)
             for name in VARIANTS[shift:] + VARIANTS[:shift]:
+                if name == "addon-near":
+                    prefill(workdir / "tail-addon-near.db")
+                    time.sleep(1.1)  # the proxy's next tick takes the reset in
                 firsts, statuses = asyncio.run(burst(procs[name][1], calls, spread, chunks, delay))
                 ms = [f * 1000 for f in firsts]
                 results[name]["first_ms"] += ms
@@ -187,8 +192,8 @@ def report_tail(results: dict, calls: int, rounds: int) -> None:
     print()
     print(f"tail latency: {calls} streamed calls per round arriving over 2 s, ~2 s each, one connection each, "
           f"{rounds} rounds per proxy, plain HTTP upstream; pool of addon-near at "
-          f"{results['near_used_percent_before']:.1f} % of its limit before the rounds, "
-          f"{results['near_used_percent_after']:.1f} % after")
+          f"{results['near_used_percent_before']:.1f} % of its limit at the start of each round, "
+          f"{results['near_used_percent_after']:.1f} % after the last one")
     print()
     print(f"| {'first streamed chunk, ms':28} | {'plain-str':>9} | {'addon':>9} | {'addon-near':>10} | "
           f"{'addon vs p-str':>14} | {'near vs p-str':>13} |")
