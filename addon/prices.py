@@ -15,8 +15,8 @@ after the prices or the overrides changed.
 from __future__ import annotations
 
 import argparse
-import logging
 import gc
+import logging
 import threading
 from datetime import UTC, datetime
 from decimal import Decimal
