@@ -88,13 +88,12 @@ class AlertEvaluator:
                                  f"{window_start}|forecast", message, now)
                 if row is not None:
                     fired.append(row)
-            # Rows only: reservations are estimates (and spare tokens of
-            # leases), not usage; a finished request's row lands within ms.
+            # Usage only (rows, and finished requests whose rows are on
+            # their way): reservations are estimates, not usage. A refusal
+            # is no usage either: a threshold fires when usage crosses it,
+            # and its message states that usage.
             used = status.used
             percentage = 100.0 * used / status.limit
-            if (status.pool, status.key_id, window_start) in self.exhausted:
-                # A refusal means the pool cannot take more: that is 100%.
-                percentage = max(percentage, 100.0)
             for threshold in thresholds.get(status.pool, ()):
                 if percentage < threshold:
                     continue

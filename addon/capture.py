@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +41,15 @@ BODY_WORKERS = 2
 
 # flow.metadata key: the Call of a WebSocket upgrade, for the socket's responses.
 UPGRADE_CALL = "usage_upgrade_call"
+
+# Flows in flight when a script reload removed the meter: the next instance
+# meters them to their end (the module outlives the script's reload).
+_HANDOVER: dict[str, Call] = {}
+
+# Batch statuses after which a batch's `usage` is final (and billed).
+BATCH_FINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
+# Requests that open a door to spending elsewhere: an ephemeral Realtime key.
+REALTIME_DOORS = frozenset({"realtime.client_secrets", "realtime.sessions", "realtime.transcription_sessions"})
 
 # Endpoints whose successful answers carry usage.
 USAGE_ENDPOINTS = frozenset(
@@ -169,12 +177,12 @@ class UsageMeter:
         self.writer: Writer | None = None
         self.hosts: list[str] = []
         self.calls: dict[str, Call] = {}
-        self.counted_responses: OrderedDict[str, None] = OrderedDict()
         self.listeners: list[Any] = []  # objects with on_row(call, row) (enforcement, alerts)
         self.prepare_rows: Any = None  # set by the pricing addon
         self.after_commit: Any = None
         self.max_sse_buffer = 16 * 1024 * 1024
         self.stopped = False  # done() ran: the writer is closed
+        self.reloading = False  # done() ran for a script reload: flows in flight went to the next instance
         self._host_cache: dict[str, bool] = {}  # request host -> metered
         self._day_cache: tuple[int, str] = (-1, "")  # (quarter hour since the epoch, local day)
         self._body_workers: ThreadPoolExecutor | None = None  # large bodies, off the event loop
@@ -195,6 +203,9 @@ class UsageMeter:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if _HANDOVER and not self.stopped:  # a script reload: meter the flows still in flight
+            self.calls.update(_HANDOVER)
+            _HANDOVER.clear()
         if "usage_config" in updated or self.config is None:
             try:
                 self.config = config_mod.load(ctx.options.usage_config or None)
@@ -231,10 +242,20 @@ class UsageMeter:
     def _after_commit(self, db, rows) -> None:
         if self.after_commit is not None:
             self.after_commit(db, rows)
+        for listener in self.listeners:
+            on_committed = getattr(listener, "on_committed", None)
+            if on_committed is not None:
+                on_committed(rows)
 
     def done(self) -> None:
         should_exit = getattr(getattr(ctx, "master", None), "should_exit", None)
         shutting_down = should_exit is None or should_exit.is_set()
+        if not shutting_down:
+            # A script reload: the flows go on, and so does their metering,
+            # in the next instance (their stream taps are on the flows).
+            _HANDOVER.update(self.calls)
+            self.calls.clear()
+            self.reloading = True
         for call in list(self.calls.values()):
             # Flows still open at shutdown: record what is known. A stream
             # whose end already went to the client is complete, not aborted.
@@ -430,7 +451,14 @@ class UsageMeter:
             call.extra["body_note"] = f"request {reader.error}; not fully parsed"
         model = facts.model or endpoint.deployment
         assert self.matcher is not None and self.config is not None
+        if endpoint.name in REALTIME_DOORS and facts.model is None:
+            facts.model = _realtime_model(body_obj)
+        model = facts.model or endpoint.deployment
         call.pool = self.matcher.pool_for(model) if model or endpoint.name in USAGE_ENDPOINTS else None
+        if endpoint.name == "batches":  # a batch's usage counts in the batch pool (its model's, when none)
+            call.pool = self.config.batch_pool or (self.matcher.pool_for(model) if model else None)
+        elif endpoint.name in REALTIME_DOORS:  # the key spends in the model's pool
+            call.pool = self.matcher.pool_for(model)
         if isinstance(identity, dict):
             call.key_id = identity.get("key_id")
             call.key_hint = identity.get("key_hint")
@@ -557,6 +585,17 @@ class UsageMeter:
         answered_model = getattr(facts, "model", None)
         model = answered_model or call.request.model or call.endpoint.deployment
         pool = call.pool or (self.matcher.pool_for(model) if model and self.matcher else None)
+        processing = None
+        if call.endpoint.name == "batches":
+            # A batch's usage is final, and billed, once the batch is; its
+            # rows are counted once per batch id like responses (store.insert_rows).
+            processing = "batch"
+            if getattr(facts, "status", None) not in BATCH_FINAL_STATUSES:
+                usage = None
+            if self.config is not None and self.config.batch_pool:
+                pool = self.config.batch_pool
+        elif call.method == "GET" and call.endpoint.name in ("chat.completions", "completions"):
+            usage = None  # a stored completion read back: counted when it was made
         if usage is not None and (implausible := meter.implausible_usage(usage)):
             # A hostile or broken answer must not move a pool (least of all down).
             log.warning("usage: %s %s answered implausible usage (%s); recorded without usage",
@@ -565,15 +604,6 @@ class UsageMeter:
             if outcome == "ok":
                 outcome = "no_usage"
             error = error or implausible
-        if usage is not None and response_id:
-            # Background responses: count a response's usage once, however
-            # often it is polled or streamed.
-            if response_id in self.counted_responses:
-                usage = None
-            else:
-                self.counted_responses[response_id] = None
-                if len(self.counted_responses) > 100_000:
-                    self.counted_responses.popitem(last=False)
         started = datetime.fromtimestamp(call.started, timezone.utc)
         row: dict[str, Any] = {
             "ts": iso_utc(started),
@@ -600,10 +630,11 @@ class UsageMeter:
             "error": error or call.extra.get("body_note"),
             "response_id": response_id,
             "transport": call.transport or ("sse" if call.streamed else "http"),
+            "conversation": call.request.conversation,
         }
         if outcome == "ok":
             usage = meter.complete_usage(call.endpoint.name, usage, call.request, facts)
-        row["processing"] = meter.processing_of(row["service_tier"])
+        row["processing"] = processing or meter.processing_of(row["service_tier"])
         if call.request.image_size or call.request.image_quality:
             row["image_size"], row["image_quality"] = call.request.image_size, call.request.image_quality
         if usage is not None:
@@ -629,6 +660,20 @@ def _without_null_usage(raw: bytes) -> bytes:
         if form in raw:
             return raw.replace(form, b"", 1)
     return raw
+
+
+def _realtime_model(body: Any) -> str | None:
+    """The model of a Realtime client secret or session request: the session's,
+    else its transcription's."""
+    if not isinstance(body, dict):
+        return None
+    session = body.get("session") if isinstance(body.get("session"), dict) else {}
+    audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
+    audio_input = audio.get("input") if isinstance(audio.get("input"), dict) else {}
+    for holder in (session, body.get("input_audio_transcription"), audio_input.get("transcription")):
+        if isinstance(holder, dict) and isinstance(holder.get("model"), str):
+            return holder["model"]
+    return None
 
 
 def _header_map(headers: http.Headers) -> dict[str, str]:

@@ -103,6 +103,10 @@ class Config:
     estimate_output_tokens: int = 1024
     issued_keys: dict[str, Any] = field(default_factory=dict)
     forecast_alerts: bool = False  # [alerts] forecast: alert when a pool is on pace to run out before its reset
+    # Input assumed for the previous context of a continuation whose previous
+    # response this database never recorded (see addon/estimate.py).
+    estimate_previous_tokens: int = 8192
+    batch_pool: str | None = "batch"  # where batches' usage counts; None: the batch's model's pool
 
     @property
     def timezone_name(self) -> str:
@@ -110,7 +114,8 @@ class Config:
 
 
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
-_TOP_LEVEL = {"timezone", "default_pool", "pools", "keys", "alerts", "prices", "estimate_output_tokens", "issued_keys"}
+_TOP_LEVEL = {"timezone", "default_pool", "pools", "keys", "alerts", "prices", "estimate_output_tokens", "issued_keys",
+              "estimate_previous_tokens", "batch_pool"}
 _POOL_KEYS = {"limit", "window", "models", "alerts", "fail"}
 
 
@@ -233,6 +238,15 @@ class _Validator:
         issued = data.get("issued_keys", {})
         if not isinstance(issued, dict):
             raise self.fail("[issued_keys] must be a table", "issued_keys")
+        previous = data.get("estimate_previous_tokens", 8192)
+        if not isinstance(previous, int) or isinstance(previous, bool) or previous < 0:
+            raise self.fail("estimate_previous_tokens must be a whole number >= 0", "estimate_previous_tokens")
+        batch_pool = data.get("batch_pool", "batch")
+        if not isinstance(batch_pool, str):
+            raise self.fail("batch_pool must be a pool name, or \"\" for the batch's model's pool", "batch_pool")
+        if batch_pool and batch_pool not in pools:
+            # A pool of its own, track only, unless the file defines it.
+            pools[batch_pool] = Pool(batch_pool, (), Window.parse("day"), None, default_thresholds, "open")
 
         return Config(
             path=self.path,
@@ -245,6 +259,8 @@ class _Validator:
             prices=prices,
             estimate_output_tokens=estimate,
             issued_keys=issued,
+            estimate_previous_tokens=previous,
+            batch_pool=batch_pool or None,
         )
 
     def thresholds(self, value: Any, *where: str) -> tuple[float, ...]:

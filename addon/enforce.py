@@ -14,7 +14,8 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Coroutine
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,20 +24,24 @@ from mitmproxy import command, ctx, exceptions, http
 
 from .alerts import AlertEvaluator, WebhookSender, ensure_dedupe_index
 from .capture import Call, UsageMeter
+from .estimate import PreviousUsage, estimate, is_continuation
 from .limits import (
     HEARTBEAT_INTERVAL,
+    Check,
     Decision,
     Ledger,
     checks_for,
-    estimate_tokens,
+    never_fits,
     refusal_message,
     seconds_until,
 )
+from .meter import RequestFacts
 
 log = logging.getLogger(__name__)
 
 ADMISSION_TIMEOUT = 3.0  # seconds before the fail policy decides
 TICK_INTERVAL = 1.0  # alerts evaluation and reset pick-up
+RECENT_RESPONSES = 4096  # usage of the latest responses, for continuations before their rows land
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +76,12 @@ class Limits:
         self._key: tuple | None = None
         self._ticks = 0
         self._failing = False
-        self._pending: list[tuple[list, int, asyncio.Future]] = []  # admissions waiting for the ledger
+        # Admissions waiting for the ledger: (checks, estimate, waiter); the
+        # estimate is a function of the ledger when it needs a look-up.
+        self._pending: list[tuple[list, Any, asyncio.Future]] = []
+        # response id (and "conversation:" + id) -> usage, as settled here: a
+        # continuation's previous response is usually the one just finished.
+        self.recent: OrderedDict[str, PreviousUsage] = OrderedDict()
         self._pending_lock = threading.Lock()
         self._drain_scheduled = False
 
@@ -113,8 +123,10 @@ class Limits:
         self._ticker.start()
 
     def done(self) -> None:
-        # The meter's done() ran first and wrote every row: nothing is in flight.
-        self._shutdown(final=True)
+        # Shutting down, the meter's done() ran first and wrote every row:
+        # nothing is in flight. A script reload keeps the flows in flight:
+        # their reservations stay (the new instance's rows take them off).
+        self._shutdown(final=not self.meter.reloading)
 
     def _shutdown(self, final: bool = False) -> None:
         self._stop.set()
@@ -165,7 +177,7 @@ class Limits:
             return
         self._ticks += 1
         # Each step on its own: one failing must not skip the others.
-        steps = [ledger.release_idle, self._evaluate_alerts]
+        steps = [ledger.give_up_crossed, ledger.release_idle, self._evaluate_alerts]
         if self._ticks % int(HEARTBEAT_INTERVAL / TICK_INTERVAL) == 1:
             steps.insert(0, ledger.heartbeat)
         for step in steps:
@@ -192,7 +204,9 @@ class Limits:
         if not batch:
             return
         try:
-            decisions = self.ledger.admit_many([(checks, estimate) for checks, estimate, _ in batch])
+            ledger = self.ledger
+            decisions = ledger.admit_many([(checks, estimate if isinstance(estimate, int) else estimate(ledger))
+                                           for checks, estimate, _ in batch])
         except BaseException as exc:
             loop.call_soon_threadsafe(self._resolve, [(waiter, None, exc) for _, _, waiter in batch])
             return
@@ -224,6 +238,8 @@ class Limits:
         upgrade = call.transport == "websocket"
         if upgrade and not call.request.model:
             return None  # Responses WebSocket mode: each response.create is admitted on its own
+        if not upgrade and call.method != "POST":  # reading (a batch, a response) spends nothing
+            return None
         pending = self.admit(call, b"" if upgrade else flow.request.raw_content, upgrade=upgrade)
         if pending is None:
             return None
@@ -240,11 +256,11 @@ class Limits:
         """Admission of one metered call (an HTTP request or a WebSocket `response.create`).
 
         None: admitted now, from this process's lease (or nothing limits it).
-        Otherwise a coroutine that the caller awaits for the ledger's answer:
-        None when admitted, else the Refusal to show the client. An admitted
-        call holds its reservation in `call.extra["reservation"]`, settled by
-        its row. `upgrade`: a WebSocket upgrade, admitted only while the pool
-        has tokens left; it reserves nothing.
+        Otherwise a coroutine that the caller awaits: None when admitted, else
+        the Refusal to show the client. An admitted call holds its reservation
+        in `call.extra["reservation"]`, settled by its row. `upgrade`: a
+        WebSocket upgrade, admitted only while the pool has tokens left; it
+        reserves nothing.
         """
         config = self.meter.config
         ledger = self.ledger
@@ -253,41 +269,88 @@ class Limits:
         checks = checks_for(config, call.pool, call.key_id, call.label)
         if not checks:
             return None
-        if upgrade:
-            estimate = 1
-        else:
-            estimate = estimate_tokens(
-                call.request.input_chars, body, call.request.max_output_tokens,
-                config.estimate_output_tokens, call.endpoint.name,
-            )
-        # Most requests: admitted from this process's lease, no waiting. This
-        # path returns no coroutine, so it costs none.
-        decision = ledger.admit_local(checks, estimate)
-        if decision is not None:
-            self._admitted(call, decision, estimate, upgrade)
-            return None
-        return self._admit(call, checks, estimate, upgrade)
+        outcome = self.decide(checks, call.request, call.endpoint.name, body, upgrade=upgrade)
+        if isinstance(outcome, Decision):
+            # Most requests: admitted from this process's lease, no waiting.
+            # This path returns no coroutine, so it costs none.
+            if outcome.admitted:
+                self._admitted(call, outcome, upgrade)
+                return None
+            return self._refused_now(outcome)
+        return self._admit(call, checks, outcome, upgrade)
 
-    def _admitted(self, call: Call, decision: Decision, estimate: int, upgrade: bool) -> None:
+    def decide(self, checks: list[Check], facts: RequestFacts, endpoint: str,
+               body: bytes | None, *, upgrade: bool = False) -> Decision | asyncio.Future[Decision]:
+        """Admit or refuse one request on the event loop.
+
+        A Decision when it is decided at once: admitted from this process's
+        lease, or refused as larger than a whole limit. Otherwise a future of
+        the ledger thread's decision (which also looks up the previous
+        response of a continuation this process did not see); it raises
+        when the database cannot answer.
+        """
+        config, ledger = self.meter.config, self.ledger
+        assert config is not None and ledger is not None
+        if upgrade:
+            needed = 1  # the socket itself spends nothing: only a spent pool refuses it
+        else:
+            previous = None
+            if is_continuation(facts):
+                previous = self.previous_known(facts.previous_response_id, facts.conversation)
+                if previous is None:
+                    # Recorded by another process, or earlier: the database knows (ledger thread).
+                    def with_previous(ledger: Ledger) -> int:
+                        found = ledger.previous_usage(facts.previous_response_id, facts.conversation)
+                        return estimate(facts, endpoint, config, found, body)
+
+                    return self._queue(checks, with_previous)
+            needed = estimate(facts, endpoint, config, previous, body)
+            too_big = never_fits(checks, needed)
+            if too_big is not None:
+                return Decision(False, None, too_big, estimate=needed, reason="never")
+        decision = ledger.admit_local(checks, needed)
+        if decision is not None:
+            return decision
+        return self._queue(checks, needed)
+
+    def previous_known(self, response_id: str | None, conversation: str | None) -> PreviousUsage | None:
+        """Usage of a continuation's previous response settled by this process (event loop, no I/O)."""
+        if response_id:
+            return self.recent.get(response_id)
+        if conversation:
+            return self.recent.get("conversation:" + conversation)
+        return None
+
+    def _queue(self, checks: list[Check], needed: int | Callable[[Ledger], int]) -> asyncio.Future[Decision]:
+        # Requests arriving together are decided together: one ledger
+        # transaction and one wake-up of each thread for the whole group.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Decision] = loop.create_future()
+        executor = self.executor
+        with self._pending_lock:
+            self._pending.append((checks, needed, waiter))
+            schedule, self._drain_scheduled = not self._drain_scheduled, True
+        if schedule:
+            try:
+                assert executor is not None
+                executor.submit(self._drain, loop)
+            except (RuntimeError, AssertionError) as exc:  # shutting down
+                with self._pending_lock:
+                    self._pending, self._drain_scheduled = [], False
+                waiter.set_exception(RuntimeError(f"usage ledger is not running ({exc})"))
+        return waiter
+
+    def _admitted(self, call: Call, decision: Decision, upgrade: bool) -> None:
         if upgrade or call.finished:
             # An upgrade uses nothing; a client that left while we waited is recorded against nothing.
             if self.ledger is not None and decision.reservation is not None:
-                self.ledger.give_back(decision.reservation, estimate, decision.owner or "")
+                self.ledger.give_back(decision.reservation, decision.estimate, decision.owner or "")
             return
-        call.extra["reservation"] = (decision.reservation, estimate, decision.owner)
+        call.extra["reservation"] = (decision.reservation, decision.estimate, decision.owner)
 
-    async def _admit(self, call: Call, checks: list, estimate: int, upgrade: bool) -> Refusal | None:
-        # Requests arriving together are decided together: one ledger
-        # transaction and one wake-up of each thread for the whole group.
-        assert self.executor is not None
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Decision] = loop.create_future()
-        with self._pending_lock:
-            self._pending.append((checks, estimate, waiter))
-            schedule, self._drain_scheduled = not self._drain_scheduled, True
+    async def _admit(self, call: Call, checks: list[Check], waiter: asyncio.Future[Decision],
+                     upgrade: bool) -> Refusal | None:
         try:
-            if schedule:
-                self.executor.submit(self._drain, loop)
             decision = await asyncio.wait_for(waiter, ADMISSION_TIMEOUT)
         except Exception as exc:  # database down, locked past the timeout, ...
             return self._fail(checks, exc)
@@ -295,8 +358,14 @@ class Limits:
             self._failing = False
             log.warning("usage: limits can be checked again")
         if decision.admitted:
-            self._admitted(call, decision, estimate, upgrade)
+            self._admitted(call, decision, upgrade)
             return None
+        return self._refusal(decision)
+
+    async def _refused_now(self, decision: Decision) -> Refusal:
+        return self._refusal(decision)
+
+    def _refusal(self, decision: Decision) -> Refusal:
         return Refusal(429, decision, refusal_message(decision, self.ledger.clock() if self.ledger else None))
 
     def _fail(self, checks, exc: BaseException) -> Refusal | None:
@@ -324,10 +393,11 @@ class Limits:
         }
         if decision is not None and decision.check is not None:
             now = self.ledger.clock() if self.ledger else None
-            if now is not None:
+            # A request larger than the whole limit gets no promise of a reset.
+            if now is not None and decision.reason != "never":
                 headers["retry-after"] = str(seconds_until(decision.resets_at, now))
             headers["x-usage-pool"] = decision.check.pool.name
-            if decision.resets_at is not None:
+            if decision.resets_at is not None and decision.reason != "never":
                 headers["x-usage-resets-at"] = decision.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
         error = refusal_error(status, message)
         flow.response = http.Response.make(status, json.dumps({"error": error}).encode(), headers)
@@ -341,19 +411,67 @@ class Limits:
             held = row.get("_reservation")
             if held:
                 ledger.give_back(*held)
+                if row.get("_settled"):
+                    ledger.landed(held[0], held[2], row["_settled"])
+
+    def on_committed(self, rows: list[dict[str, Any]]) -> None:
+        """Rows written (writer thread): settled usage is in the rows now, no longer the lease's to show."""
+        ledger = self.ledger
+        if ledger is None:
+            return
+        for row in rows:
+            settled = row.get("_settled")
+            if settled:
+                reservation, _, owner = row["_reservation"]
+                ledger.landed(reservation, owner, settled)
 
     def on_row(self, call: Call, row: dict[str, Any]) -> None:
-        # The writer takes the tokens off the lease in the transaction that
-        # inserts the row (store.insert_rows); what the estimate had too many
-        # is spare for this process's next requests at once.
+        # Settled at once: the request's usage counts against the lease now
+        # (usage beyond the estimate too), and the writer takes it off the
+        # lease in the transaction that inserts the row (store.insert_rows);
+        # what the estimate had too many is spare for the next requests.
+        used = row.get("total_tokens") or 0
+        self._remember(row, used)
         reservation = call.extra.get("reservation")
         if reservation is None:
+            if used and self.ledger is not None and row.get("pool"):
+                self.ledger.unforeseen(row["pool"], used)
             return
         reservation_id, estimate, owner = reservation
         held = estimate
-        if self.ledger is not None and owner is not None:
-            held = self.ledger.settle(reservation_id, owner, estimate, row.get("total_tokens") or 0)
+        ledger = self.ledger
+        if ledger is not None and owner is not None:
+            held = ledger.settle(reservation_id, owner, estimate, used)
+            if used and held == used:
+                row["_settled"] = used
+            if used > estimate and self.executor is not None:
+                try:  # the usage beyond the estimate goes into the database now, not at the next admission
+                    self.executor.submit(self._pay_debts, ledger)
+                except RuntimeError:
+                    pass  # shutting down
         row["_reservation"] = (reservation_id, held, owner)
+
+    @staticmethod
+    def _pay_debts(ledger: Ledger) -> None:
+        try:
+            if ledger.has_debt():
+                ledger.release_idle()
+        except Exception as exc:
+            log.debug("usage: could not record usage beyond estimates yet: %s", exc)
+
+    def _remember(self, row: dict[str, Any], used: int) -> None:
+        """Keep what a response used for a continuation that may follow at once."""
+        if not used or not row.get("response_id"):
+            return
+        usage = PreviousUsage(row.get("input_tokens") or 0, row.get("output_tokens") or 0)
+        keys = [row["response_id"]]
+        if row.get("conversation"):
+            keys.append("conversation:" + row["conversation"])
+        for key in keys:
+            self.recent[key] = usage
+            self.recent.move_to_end(key)
+        while len(self.recent) > RECENT_RESPONSES:
+            self.recent.popitem(last=False)
 
     # -- commands ----------------------------------------------------------
     @command.command("usage.reset")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import sqlite3
 import threading
@@ -47,6 +46,8 @@ import sqlite_utils
 
 from . import pool_status, store
 from .config import Config, Pool
+from .estimate import PreviousUsage, estimate
+from .meter import RequestFacts
 from .pool_status import PoolStatus, parse_ts
 from .windows import iso_utc, utc_now
 
@@ -67,31 +68,17 @@ Clock = Callable[[], datetime]
 # ---------------------------------------------------------------------------
 # Estimates
 
-_DATA_URL = re.compile(rb"data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+")
-IMAGE_TOKENS_ESTIMATE = 1000
-
-
 def estimate_tokens(body_size: int, body: bytes | None, max_output_tokens: int | None, default_output: int,
                     endpoint: str) -> int:
-    """A cautious estimate of a request's tokens, made before it is sent.
+    """The estimate of a request known only by its size and output cap (see estimate.estimate)."""
+    facts = RequestFacts(input_chars=body_size, max_output_tokens=max_output_tokens)
+    return estimate(facts, endpoint, _Defaults(default_output), None, body)
 
-    Input: ~4 bytes of JSON per token, inline images counted as a flat
-    IMAGE_TOKENS_ESTIMATE rather than by their base64 size. Output: the
-    request's own cap (max_tokens, max_completion_tokens, max_output_tokens)
-    or the configured default. Embeddings produce no output tokens.
-    """
-    size = body_size
-    images = 0
-    if body and len(body) > 20_000:
-        for match in _DATA_URL.finditer(body):
-            size -= match.end() - match.start()
-            images += 1
-    input_tokens = max(size, 0) // 4 + images * IMAGE_TOKENS_ESTIMATE
-    if endpoint in ("embeddings", "moderations"):
-        output = 0
-    else:
-        output = max_output_tokens if max_output_tokens is not None else default_output
-    return max(input_tokens + output, 1)
+
+@dataclass(frozen=True, slots=True)
+class _Defaults:
+    estimate_output_tokens: int
+    estimate_previous_tokens: int = 0
 
 
 # ---------------------------------------------------------------------------
@@ -183,10 +170,16 @@ class Lease:
     used_at: float = 0.0  # time.monotonic() of the last admission from it
     owner: str | None = None  # the row's owner: this ledger's prefix plus a number of its own
     cap: int = 0  # the spare the last decision in the database allowed (none near the limit)
-    excess: int = 0  # reserved in the database for nobody: given back in the next transaction
+    # Reserved in the database for nobody: given back in the next transaction.
+    # Negative: a debt, usage beyond estimates that the row must take on.
+    excess: int = 0
+    # Tokens left beyond every reservation at the last decision in the
+    # database (the tightest of the scope's checks); usage beyond estimates
+    # eats it, and when it is gone the spare tokens are given up.
+    room: int = 0
 
     def copy(self) -> Lease:
-        return Lease(self.id, self.spare, self.used_at, self.owner, self.cap, self.excess)
+        return Lease(self.id, self.spare, self.used_at, self.owner, self.cap, self.excess, self.room)
 
     def same_row(self, other: Lease) -> bool:
         return self.id == other.id and self.owner == other.owner
@@ -211,8 +204,9 @@ class Decision:
     estimate: int = 0
     resets_at: datetime | None = None
     window_start: datetime | None = None
-    reason: str | None = None  # when refused: "limit" or "unavailable"
+    reason: str | None = None  # when refused: "limit", "never" (more than the whole limit) or "unavailable"
     owner: str | None = None  # when admitted: the reservation row's owner
+    held: int = 0  # when refused: spare tokens other proxies hold for their next requests
 
 
 class Ledger:
@@ -241,6 +235,9 @@ class Ledger:
         # grown by the ledger thread: a lock, held for memory updates only.
         self._leases: dict[tuple[str, str | None], Lease] = {}
         self._lease_lock = threading.Lock()
+        # Usage of finished requests whose rows are not written yet, by the
+        # (id, owner) of the lease row that holds it until they are.
+        self._unlanded: dict[tuple[int, str], int] = {}
         self._confirmed = 0.0  # time.time() of the last transaction that saw the leases alive
 
     # -- connection ------------------------------------------------------
@@ -320,23 +317,64 @@ class Ledger:
     def settle(self, reservation: int, owner: str, estimate: int, used: int) -> int:
         """A request finished using `used` tokens: what its row must take off the lease.
 
-        When it used less than its estimate, the difference is spare again at
-        once, up to the spare the last decision in the database allowed (none
-        near the limit, where it would be held against other processes); the
-        rest goes back to the pool in the next transaction (at most a second
-        away). The row then takes only what was used. Using more keeps the
-        estimate.
+        Its usage counts at once, not when its row lands: the lease row holds
+        it until then. When it used less than its estimate, the difference
+        is spare again at once, up to the spare the last decision in the
+        database allowed (none near the limit, where it would be held against
+        other processes); the rest goes back to the pool in the next
+        transaction. When it used more, the lease's spare tokens pay for the
+        difference and the rest is added to the row in the next transaction;
+        and once the difference has eaten the room the last decision saw,
+        the limit is crossed: the spare tokens go back, so that nothing more
+        is admitted without asking the database.
         """
-        if used >= estimate:
-            return estimate
         with self._lease_lock:
             for lease in self._leases.values():
                 if lease.id == reservation and lease.owner == owner:
-                    kept = min(estimate - used, max(lease.cap - lease.spare, 0))
-                    lease.spare += kept
-                    lease.excess += estimate - used - kept
-                    return used
-        return estimate  # a lease replaced since: its row expires on its own
+                    break
+            else:
+                return estimate  # a lease replaced since: its row expires on its own
+            if used and owner is not None:
+                self._unlanded[(reservation, owner)] = self._unlanded.get((reservation, owner), 0) + used
+            if used <= estimate:
+                kept = min(estimate - used, max(lease.cap - lease.spare, 0))
+                lease.spare += kept
+                lease.excess += estimate - used - kept
+                return used
+            over = used - estimate
+            paid = min(over, lease.spare)
+            lease.spare -= paid
+            lease.excess -= over - paid
+            lease.room -= over
+            if lease.room < 0 and lease.spare:
+                lease.excess += lease.spare
+                lease.spare = lease.cap = 0
+            return used
+
+    def unforeseen(self, pool: str, used: int) -> None:
+        """Usage no admission reserved (a background response or a batch read back): it eats the
+        room of this process's leases in the pool; a lease without room gives its spare up."""
+        with self._lease_lock:
+            for (lease_pool, _), lease in self._leases.items():
+                if lease_pool == pool and lease.id is not None:
+                    lease.room -= used
+                    if lease.room < 0 and lease.spare:
+                        lease.excess += lease.spare
+                        lease.spare = lease.cap = 0
+
+    def landed(self, reservation: int, owner: str, used: int) -> None:
+        """The row of a settled request is written (writer thread): its usage is in the rows now."""
+        scope = (reservation, owner)
+        with self._lease_lock:
+            left = self._unlanded.get(scope, 0) - used
+            if left > 0:
+                self._unlanded[scope] = left
+            else:
+                self._unlanded.pop(scope, None)
+
+    def has_debt(self) -> bool:
+        with self._lease_lock:
+            return any(lease.excess < 0 for lease in self._leases.values())
 
     def admit(self, checks: list[Check], estimate: int) -> Decision:
         """Reserve `estimate` tokens against every check, or refuse."""
@@ -365,7 +403,7 @@ class Ledger:
         try:
             with self._immediate():
                 self._refresh(now)
-                reserved, ours = self._reserved()
+                reserved, ours, others = self._reserved()
                 for scope, lease in work.items():
                     if lease.id is not None and (lease.id, lease.owner) not in ours:
                         lease.forget()  # expired (a long suspension): a new one
@@ -377,7 +415,11 @@ class Ledger:
                         if scope not in work and lease.id is not None and (lease.id, lease.owner) not in ours:
                             lease.forget()
                 for checks, estimate in requests:
-                    decisions.append(self._decide(checks, estimate, now, reserved, work, created))
+                    decisions.append(self._decide(checks, estimate, now, reserved, work, created, others))
+                # Other processes see what of each lease is spare (status: in flight vs held).
+                self.db.conn.executemany("UPDATE reservations SET spare = ? WHERE id = ? AND owner = ?",
+                                         [(lease.spare, lease.id, lease.owner) for lease in work.values()
+                                          if lease.id is not None])
         except BaseException as exc:
             with self._lease_lock:
                 for scope, lease in taken.items():
@@ -396,8 +438,11 @@ class Ledger:
                 if not current.same_row(lease):
                     # A new row: what was given back meanwhile belonged to the old one.
                     current.id, current.owner, current.spare, current.excess = lease.id, lease.owner, lease.spare, 0
+                    current.room = lease.room
                 else:
                     current.spare += lease.spare
+                    # Usage beyond estimates settled meanwhile still eats the new room.
+                    current.room = lease.room + current.room - taken[scope].room
                 current.cap = lease.cap
             for (checks, _), decision in zip(requests, decisions, strict=True):
                 if decision.admitted:
@@ -406,9 +451,18 @@ class Ledger:
 
     def _decide(self, checks: list[Check], estimate: int, now: datetime,
                 reserved: dict[tuple[str, str | None], int], work: dict[tuple[str, str | None], Lease],
-                created: float) -> Decision:
+                created: float, others: dict[tuple[str, str | None], int]) -> Decision:
         scope = lease_scope(checks)
         lease = work[scope]
+        never = never_fits(checks, estimate)
+        if never is not None:  # refused whatever is used: the lease stays as it is
+            counter = self._counter(never.pool, never.key_id, now)
+            return Decision(False, None, never, counter.total, 0, estimate, None, counter.start, "never")
+        if lease.spare and any(self._counter(c.pool, c.key_id, now).total + reserved.get((c.pool.name, c.key_id), 0)
+                               > c.limit for c in checks):
+            # Usage beyond estimates crossed the limit: nothing more from spare tokens.
+            self._grow(lease, -lease.spare, scope, reserved, created)
+            lease.spare = lease.cap = 0
         if lease.id is not None and lease.spare >= estimate:
             lease.spare -= estimate
             return Decision(True, lease.id, estimate=estimate, owner=lease.owner)
@@ -420,6 +474,7 @@ class Ledger:
                 self._grow(other, -other.spare, other_scope, reserved, created)
                 other.spare = other.cap = 0
         room: int | None = None
+        free: int | None = None
         for check in checks:
             counter = self._counter(check.pool, check.key_id, now)
             # The lease's own spare tokens are its to use: only the rest is held.
@@ -430,16 +485,38 @@ class Ledger:
                 if lease.spare:
                     self._grow(lease, -lease.spare, scope, reserved, created)
                 lease.spare = lease.cap = 0
-                return Decision(False, None, check, counter.total, max(held, 0), estimate,
-                                None if check.pool.window.is_rolling else counter.end, counter.start, "limit")
+                used, in_flight, elsewhere = self._shown(check, counter.total, reserved, others)
+                return Decision(False, None, check, used, in_flight, estimate,
+                                None if check.pool.window.is_rolling else counter.end, counter.start, "limit",
+                                held=elsewhere)
             share = min((left - estimate) // LEASE_SHARE, check.limit // LEASE_LIMIT_SHARE)
             room = share if room is None else min(room, share)
+            free = left - estimate if free is None else min(free, left - estimate)
         # Spare tokens only when they cover at least one more such request:
         # smaller ones would be held for nothing.
         spare = room if room is not None and room >= estimate else 0
         self._grow(lease, estimate + spare - lease.spare, scope, reserved, created)
         lease.spare = lease.cap = spare
+        lease.room = (free or 0) - spare
         return Decision(True, lease.id, estimate=estimate, owner=lease.owner)
+
+    def _shown(self, check: Check, rows: int, reserved: dict[tuple[str, str | None], int],
+               others: dict[tuple[str, str | None], int]) -> tuple[int, int, int]:
+        """(used, reserved by requests in flight, spare held by other proxies) of a check, as a person reads them.
+
+        Used counts this process's finished requests whose rows are not
+        written yet; this process's spare and leftover tokens are no request's.
+        """
+        scope = (check.pool.name, check.key_id)
+        unlanded = spare = 0
+        with self._lease_lock:
+            for (pool, key), lease in self._leases.items():
+                if pool == check.pool.name and (check.key_id is None or key == check.key_id) and lease.owner:
+                    unlanded += self._unlanded.get((lease.id or 0, lease.owner), 0)
+                    spare += lease.spare + max(lease.excess, 0)
+        elsewhere = others.get(scope, 0)
+        in_flight = reserved.get(scope, 0) - unlanded - spare - elsewhere
+        return rows + unlanded, max(in_flight, 0), elsewhere
 
     def _grow(self, lease: Lease, delta: int, scope: tuple[str, str | None],
               reserved: dict[tuple[str, str | None], int], created: float) -> None:
@@ -462,6 +539,57 @@ class Ledger:
         if key is not None:
             reserved[(pool, key)] = reserved.get((pool, key), 0) + delta
 
+    def give_up_crossed(self) -> None:
+        """Spare tokens of scopes whose used + reserved crossed a limit (another
+        process's usage beyond its estimates, say) are given up, so that nothing
+        more is admitted from memory; `release_idle` hands them back."""
+        with self._lease_lock:
+            candidates = [scope for scope, lease in self._leases.items() if lease.spare and lease.id is not None]
+        if not candidates:
+            return
+        now = self.clock()
+        conn = self.db.conn
+        conn.execute("BEGIN")
+        try:
+            self._refresh(now)
+            reserved, _, _ = self._reserved()
+            crossed = []
+            for pool_name, key_id in candidates:
+                pool = self.config.pools.get(pool_name)
+                if pool is None:
+                    continue
+                limits = [(None, pool.limit)]
+                rule = self.config.keys.get(key_id or "")
+                if key_id is not None and rule is not None and pool_name in rule.limits:
+                    limits.append((key_id, rule.limits[pool_name]))
+                if any(limit is not None and self._counter(pool, key, now).total + reserved.get((pool_name, key), 0)
+                       > limit for key, limit in limits):
+                    crossed.append((pool_name, key_id))
+        finally:
+            conn.execute("COMMIT")
+        with self._lease_lock:
+            for scope in crossed:
+                lease = self._leases.get(scope)
+                if lease is not None and lease.spare:
+                    lease.excess += lease.spare
+                    lease.spare = lease.cap = 0
+
+    def previous_usage(self, response_id: str | None, conversation: str | None) -> PreviousUsage | None:
+        """What the response a continuation builds on used, as any proxy on this database recorded it
+        (for a conversation: its latest response). Ledger thread only."""
+        if response_id:
+            sql, key = "response_id = ?", response_id
+        elif conversation:
+            sql, key = "conversation = ?", conversation
+        else:
+            return None
+        row = self.db.conn.execute(
+            f"SELECT input_tokens, output_tokens FROM requests WHERE {sql} AND total_tokens IS NOT NULL"
+            " ORDER BY id DESC LIMIT 1", (key,)).fetchone()
+        if row is None:
+            return None
+        return PreviousUsage(int(row[0] or 0), int(row[1] or 0))
+
     def release_idle(self, idle: float = LEASE_IDLE) -> None:
         """Spare tokens of leases no request used lately go back to the pool,
         and what finished requests left over (`excess`) in every lease."""
@@ -480,8 +608,10 @@ class Ledger:
             return
         try:
             with self._immediate() as conn:
-                conn.executemany("UPDATE reservations SET tokens = MAX(tokens - ?, 0) WHERE id = ? AND owner = ?",
-                                 [(spare + row.excess, row.id, row.owner) for _, row, spare in freed])
+                conn.executemany(
+                    "UPDATE reservations SET tokens = MAX(tokens - ?, 0), spare = MAX(COALESCE(spare, 0) - ?, 0)"
+                    " WHERE id = ? AND owner = ?",
+                    [(spare + row.excess, spare, row.id, row.owner) for _, row, spare in freed])
         except BaseException:
             with self._lease_lock:
                 for lease, row, spare in freed:
@@ -535,21 +665,26 @@ class Ledger:
             raise
 
     # -- counters --------------------------------------------------------
-    def _reserved(self) -> tuple[dict[tuple[str, str | None], int], set[tuple[int, str]]]:
-        """Live reservations of every process by (pool, key), and (id, owner) of this ledger's."""
+    def _reserved(self) -> tuple[dict[tuple[str, str | None], int], set[tuple[int, str]],
+                                 dict[tuple[str, str | None], int]]:
+        """Live reservations of every process by (pool, key), (id, owner) of this ledger's,
+        and the spare tokens other processes' leases held at their last transaction."""
         totals: dict[tuple[str, str | None], int] = {}
+        others: dict[tuple[str, str | None], int] = {}
         ours: set[tuple[int, str]] = set()
         _, prefix = self._own_rows()
         rows = self.db.conn.execute(
-            "SELECT id, pool, key_id, tokens, owner FROM reservations WHERE expires > ?", (time.time(),)
+            "SELECT id, pool, key_id, tokens, owner, spare FROM reservations WHERE expires > ?", (time.time(),)
         ).fetchall()
-        for row_id, pool, key, tokens, owner in rows:
-            totals[(pool, None)] = totals.get((pool, None), 0) + (tokens or 0)
-            if key is not None:
-                totals[(pool, key)] = totals.get((pool, key), 0) + (tokens or 0)
-            if owner and owner.startswith(prefix):
+        for row_id, pool, key, tokens, owner, spare in rows:
+            mine = bool(owner and owner.startswith(prefix))
+            for scope in ((pool, None), (pool, key)) if key is not None else ((pool, None),):
+                totals[scope] = totals.get(scope, 0) + (tokens or 0)
+                if not mine:
+                    others[scope] = others.get(scope, 0) + min(spare or 0, tokens or 0)
+            if mine:
                 ours.add((row_id, owner))
-        return totals, ours
+        return totals, ours, others
 
     def _refresh(self, now: datetime) -> None:
         """Take in resets and rows written since the last look (any process)."""
@@ -637,12 +772,25 @@ class Ledger:
         conn.execute("BEGIN")
         try:
             self._refresh(now)
+            reserved, _, others = self._reserved()
 
             def counted(scope: pool_status.Scope, start: datetime, end: datetime | None) -> int:
                 return self._counter(self.config.pools[scope.pool], scope.key_id, now).total
 
-            return pool_status.statuses(conn, pool_status.config_scopes(self.config), now, resets=self._resets,
-                                        counted=counted, forecast=forecast)
+            result = pool_status.statuses(conn, pool_status.config_scopes(self.config), now, resets=self._resets,
+                                          counted=counted, forecast=forecast)
+            # The database's picture, refined by what only this process knows: its finished requests whose
+            # rows are on their way count as used, its leases' spare tokens are held for no request.
+            for status in result:
+                check = Check(self.config.pools[status.pool], status.limit or 0, status.key_id)
+                rows = status.used
+                used, in_flight, elsewhere = self._shown(check, rows, reserved, others)
+                own_spare = reserved.get((status.pool, status.key_id), 0) - in_flight - elsewhere - (used - rows)
+                status.used, status.reserved, status.held = used, in_flight, max(own_spare, 0) + elsewhere
+                if forecast:
+                    status.exhausted_at = pool_status.exhaustion(status.remaining, status.pace_per_hour, now,
+                                                                 status.resets_at)
+            return result
         finally:
             conn.execute("COMMIT")
 
@@ -671,6 +819,11 @@ def checks_for(config: Config, pool_name: str | None, key_id: str | None, label:
     return checks
 
 
+def never_fits(checks: list[Check], estimate: int) -> Check | None:
+    """The check whose whole limit is smaller than the estimate: refused now and after every reset."""
+    return next((check for check in checks if estimate > check.limit), None)
+
+
 def seconds_until(moment: datetime | None, now: datetime) -> int:
     if moment is None:
         return 60
@@ -685,6 +838,13 @@ def window_phrase(window: str) -> str:
 def refusal_message(decision: Decision, now: datetime) -> str:
     check = decision.check
     assert check is not None
+    whose = f"pool '{check.pool.name}'" + (f" for key {check.key_id}" if check.key_id else "")
+    if decision.reason == "never":
+        return (f"This request needs about {decision.estimate:,} tokens, more than the whole "
+                f"{window_phrase(check.pool.window.kind)} limit of {whose} ({check.limit:,} tokens): "
+                "it can never be admitted. "
+                "Ask for fewer output tokens (max_tokens, n) or send less input. "
+                "Refused by the usage proxy before reaching OpenAI.")
     when = iso_utc(decision.resets_at).replace(".000Z", "Z") if decision.resets_at else None
     window = check.pool.window.kind
     reset = f"It resets at {when} (in {seconds_until(decision.resets_at, now)} s)." if when else (
@@ -694,6 +854,7 @@ def refusal_message(decision: Decision, now: datetime) -> str:
         + (f" (key {check.key_id})" if check.key_id else "")
         + f": {decision.used:,} of its {window_phrase(window)} {check.limit:,} tokens used"
         + (f", {decision.reserved:,} reserved by requests in flight" if decision.reserved else "")
+        + (f", {decision.held:,} held by other proxies for their next requests" if decision.held else "")
         + f"; this request needs about {decision.estimate:,}. {reset}"
         + " Refused by the usage proxy before reaching OpenAI."
     )

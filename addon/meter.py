@@ -58,7 +58,13 @@ def classify(method: str, path: str) -> Endpoint:
     return Endpoint(name, deployment)
 
 
+# Path segments of the API that look like ids to the rule below.
+_NOT_IDS = frozenset({"transcription_sessions"})
+
+
 def _looks_like_id(segment: str) -> bool:
+    if segment in _NOT_IDS:
+        return False
     return bool(re.search(r"[_-][A-Za-z0-9]{8,}$", segment)) or segment.isdigit()
 
 
@@ -388,6 +394,10 @@ class RequestFacts:
     characters: int | None = None  # TTS: characters of `input`
     image_size: str | None = None  # images: `size` and `quality` asked (DALL-E bills per image by both)
     image_quality: str | None = None
+    n: int = 1  # choices asked for: each one is billed its own output
+    best_of: int | None = None  # legacy completions: candidates generated (and billed)
+    previous_response_id: str | None = None  # a continuation: OpenAI bills the previous context again
+    conversation: str | None = None  # a Responses conversation id: its latest response's context is input
 
 
 def facts_from_request(obj: Any, body_size: int = 0) -> RequestFacts:
@@ -416,6 +426,18 @@ def facts_from_request(obj: Any, body_size: int = 0) -> RequestFacts:
         value = obj.get(name)
         if isinstance(value, str):
             setattr(facts, f"image_{name}", value[:40])
+    n = _int(obj.get("n"))
+    if n is not None and n > 1:
+        facts.n = n
+    best_of = _int(obj.get("best_of"))
+    if best_of is not None and best_of > 1:
+        facts.best_of = best_of
+    previous = obj.get("previous_response_id")
+    facts.previous_response_id = previous if isinstance(previous, str) and previous else None
+    conversation = obj.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+    facts.conversation = conversation if isinstance(conversation, str) and conversation else None
     return facts
 
 

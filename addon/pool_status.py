@@ -15,8 +15,9 @@ Definitions (all times UTC, rows by their `ts`):
   (`python -m addon reset`); a reset of the pool applies to its keys too;
 - used: the sum of `total_tokens` of the scope's rows from there on (to the
   window's end; a rolling window has none);
-- reserved: live reservations of every proxy (requests in flight, spare
-  tokens of leases); remaining = limit - used - reserved, at least 0;
+- reserved: live reservations of every proxy by requests in flight; held:
+  spare tokens of leases, promised to no request yet (as of each owner's
+  last transaction); remaining = limit - used - reserved - held, at least 0;
 - resets_at: the window's end; for a rolling window, when its oldest counted
   usage ages out (None when nothing is counted);
 - exhausted_at: when remaining runs out at the pace of the last hour (the
@@ -72,10 +73,11 @@ class PoolStatus:
     exhausted_at: datetime | None = None
     pace_per_hour: int = 0  # the scope's tokens in the last hour
     timezone: str | None = None
+    held: int = 0  # spare tokens of leases: reserved in the database for no request yet
 
     @property
     def remaining(self) -> int | None:
-        return None if self.limit is None else max(self.limit - self.used - self.reserved, 0)
+        return None if self.limit is None else max(self.limit - self.used - self.reserved - self.held, 0)
 
     @property
     def percentage(self) -> float | None:
@@ -183,19 +185,24 @@ def used_in(conn: sqlite3.Connection, pool: str, key_id: str | None, start: date
     return int(total)
 
 
-def reserved_by_scope(conn: sqlite3.Connection, now: datetime) -> dict[ScopeKey, int]:
-    """Live reservations of every proxy by (pool, None) and (pool, key)."""
-    totals: dict[ScopeKey, int] = {}
+def reserved_by_scope(conn: sqlite3.Connection, now: datetime) -> tuple[dict[ScopeKey, int], dict[ScopeKey, int]]:
+    """Live reservations of every proxy by (pool, None) and (pool, key): (by requests in flight, held spare).
+
+    A lease's `spare` is what its owner had promised to no request at its last transaction.
+    """
+    reserved: dict[ScopeKey, int] = {}
+    held: dict[ScopeKey, int] = {}
     try:
-        rows = conn.execute("SELECT pool, key_id, COALESCE(SUM(tokens), 0) FROM reservations WHERE expires > ?"
-                            " GROUP BY pool, key_id", (now.timestamp(),)).fetchall()
+        rows = conn.execute("SELECT pool, key_id, COALESCE(SUM(tokens), 0), COALESCE(SUM(MIN(COALESCE(spare, 0), "
+                            "tokens)), 0) FROM reservations WHERE expires > ? GROUP BY pool, key_id",
+                            (now.timestamp(),)).fetchall()
     except sqlite3.OperationalError:
-        return totals
-    for pool, key_id, tokens in rows:
-        totals[(pool, None)] = totals.get((pool, None), 0) + tokens
-        if key_id is not None:
-            totals[(pool, key_id)] = totals.get((pool, key_id), 0) + tokens
-    return totals
+        return reserved, held
+    for pool, key_id, tokens, spare in rows:
+        for scope in ((pool, None), (pool, key_id)) if key_id is not None else ((pool, None),):
+            reserved[scope] = reserved.get(scope, 0) + tokens - spare
+            held[scope] = held.get(scope, 0) + spare
+    return reserved, held
 
 
 def exhaustion(remaining: int | None, pace_per_hour: int, now: datetime, resets_at: datetime | None) -> datetime | None:
@@ -215,7 +222,8 @@ Counted = Callable[[Scope, datetime, datetime | None], int]
 
 
 def status_of(conn: sqlite3.Connection, scope: Scope, now: datetime, resets: dict[ScopeKey, list[datetime]],
-              reserved: dict[ScopeKey, int], counted: Counted | None = None, forecast: bool = True) -> PoolStatus:
+              reserved: tuple[dict[ScopeKey, int], dict[ScopeKey, int]], counted: Counted | None = None,
+              forecast: bool = True) -> PoolStatus:
     start, end, _ = counting_bounds(scope.window, scope.tz, now, resets, scope.pool, scope.key_id)
     rolling = scope.window.rolling_hours
     if counted is not None:
@@ -233,8 +241,10 @@ def status_of(conn: sqlite3.Connection, scope: Scope, now: datetime, resets: dic
     pace = 0
     if forecast:
         pace = used_in(conn, scope.pool, scope.key_id, now - PACE_PERIOD, now + timedelta(milliseconds=1))
+    in_flight, held = reserved
+    key = (scope.pool, scope.key_id)
     status = PoolStatus(scope.pool, scope.key_id, scope.label, scope.window.kind, scope.limit, used,
-                        reserved.get((scope.pool, scope.key_id), 0), start, resets_at, None, pace, scope.tz.key)
+                        in_flight.get(key, 0), start, resets_at, None, pace, scope.tz.key, held.get(key, 0))
     if forecast:
         status.exhausted_at = exhaustion(status.remaining, pace, now, resets_at)
     return status
@@ -266,6 +276,7 @@ def as_row(status: PoolStatus) -> dict:
         "limit": status.limit,
         "used": status.used,
         "reserved": status.reserved,
+        "held": status.held,
         "remaining": status.remaining,
         "percentage": status.percentage,
         "window_start": when(status.window_start),

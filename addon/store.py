@@ -79,6 +79,7 @@ REQUEST_COLUMNS: dict[str, type] = {
     "uid": str,  # unique across proxies: `collect` inserts each row once (addon/redis_rows.py)
     "origin": str,  # the proxy database a collected row came from
     "transport": str,  # http | sse | websocket
+    "conversation": str,  # Responses API conversation id the request continued (estimates of the next turn)
 }
 
 # Longest text kept per column: every text a request or an answer can put in a
@@ -126,6 +127,7 @@ REQUEST_INDEXES: list[tuple[str, ...]] = [
     ("outcome",),
     ("response_id",),
     ("transport",),
+    ("conversation",),
 ]
 
 # Every table of the database: name -> (columns, pk, indexes).
@@ -156,7 +158,8 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...] | None, list[tupl
     "resets": ({"id": int, "ts": str, "pool": str, "key_id": str, "note": str}, "id", [("pool", "ts")]),
     # Admission reservations of requests in flight (shared by all proxies).
     "reservations": (
-        {"id": int, "pool": str, "key_id": str, "tokens": int, "created": float, "expires": float, "owner": str},
+        {"id": int, "pool": str, "key_id": str, "tokens": int, "created": float, "expires": float, "owner": str,
+         "spare": int},  # spare: tokens of the lease no request holds (as of its owner's last transaction)
         "id",
         [("pool",), ("expires",)],
     ),
@@ -277,6 +280,7 @@ def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
     as reserved or as used, by every proxy process. (The owner guards against
     a reservation that expired and whose id SQLite gave to another process.)
     """
+    count_once(db, rows)
     released: dict[tuple[int, str], int] = {}
     private = False
     for row in rows:
@@ -294,6 +298,43 @@ def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
     if released:
         db.conn.executemany("UPDATE reservations SET tokens = MAX(tokens - ?, 0) WHERE id = ? AND owner = ?",
                             [(tokens, *scope) for scope, tokens in released.items()])
+
+
+# Columns that carry usage or its price: emptied in a row whose response was counted already.
+USAGE_COLUMNS = (
+    "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "total_tokens", "audio_seconds",
+    "cost_usd", "audio_input_tokens", "audio_output_tokens", "image_input_tokens", "image_output_tokens",
+    "cache_write_tokens", "reported_total_tokens", "tool_calls", "characters", "images",
+)
+COUNTED_BEFORE = "usage already counted for this response id"
+
+
+def count_once(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
+    """A response's usage counts once, whichever proxy process recorded it
+    first and whenever: later rows with its id (background polls, retrievals,
+    a finished batch read again) keep no usage. In the caller's write
+    transaction, so two processes cannot both count it."""
+    ids = {row["response_id"] for row in rows if row.get("response_id") and row.get("total_tokens") is not None}
+    if not ids:
+        return
+    seen: set[str] = set()
+    listed = list(ids)
+    for start in range(0, len(listed), 500):
+        part = listed[start : start + 500]
+        seen.update(r[0] for r in db.conn.execute(
+            f"SELECT DISTINCT response_id FROM requests WHERE response_id IN ({','.join('?' * len(part))})"
+            " AND total_tokens IS NOT NULL", part))
+    for row in rows:
+        rid = row.get("response_id")
+        if not rid or row.get("total_tokens") is None:
+            continue
+        if rid in seen:
+            for column in USAGE_COLUMNS:
+                if column in row:
+                    row[column] = None
+            row["error"] = row.get("error") or COUNTED_BEFORE
+        else:
+            seen.add(rid)
 
 
 # SQLite result codes (primary part) that mean "the database is not

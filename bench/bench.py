@@ -286,11 +286,14 @@ def main() -> int:
     parser.add_argument("--no-pin", action="store_true", help="do not pin mitmdump and the client to separate cores")
     parser.add_argument("--ttfb-samples", type=int, default=60, help="streamed requests for TTFB (default 60)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--scenario", choices=("all", "http", "websocket"), default="all",
-                        help="http: throughput and TTFB; websocket: Responses WebSocket mode (default: both)")
+    parser.add_argument("--scenario", choices=("all", "http", "websocket", "tail"), default="all",
+                        help="http: throughput and TTFB; websocket: Responses WebSocket mode; "
+                             "tail: 200 concurrent streams (bench/tail.py) (default: all)")
     parser.add_argument("--ws-sockets", type=int, default=8, help="WebSocket scenario: sockets (default 8)")
     parser.add_argument("--ws-turns", type=int, default=20, help="WebSocket scenario: turns per socket (default 20)")
     parser.add_argument("--ws-chunks", type=int, default=30, help="WebSocket scenario: deltas per response")
+    parser.add_argument("--tail-rounds", type=int, default=3,
+                        help="rounds of the tail-latency scenario (bench/tail.py) per proxy; 0 skips it (default 3)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
@@ -319,7 +322,14 @@ def main() -> int:
             from ws_scenario import run_websocket
 
             results["websocket"] = run_websocket({n: proxies[n] for n in ("plain", "addon")}, args)
-        results["rows_written"] = {name: rows_in(proxies[name].db) for name in ("meter", "addon")}
+        if args.scenario in ("all", "http"):
+            results["rows_written"] = {name: rows_in(proxies[name].db) for name in ("meter", "addon")}
+        for proxy in proxies.values():
+            proxy.stop()
+        if args.tail_rounds and args.scenario in ("all", "tail"):
+            from tail import run_tail
+
+            results["tail"] = run_tail(workdir, confdir, proxy_cpus, client_cpus, args.tail_rounds, 200)
     finally:
         for proxy in proxies.values():
             proxy.stop()
@@ -331,6 +341,10 @@ def main() -> int:
         from ws_scenario import report_websocket
 
         report_websocket(results["websocket"], args)
+    if "tail" in results:
+        from tail import report_tail
+
+        report_tail(results["tail"], 200, args.tail_rounds)
     cores = os.cpu_count() or 1
     load_after = os.getloadavg()[0]
     print(f"machine: {cores} cores, load average {load_before:.1f} before, {load_after:.1f} after")

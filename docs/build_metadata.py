@@ -43,7 +43,7 @@ SINCE = f"since AS (SELECT strftime({ISO}, start, '-' || ({DAYS} - 1) || ' days'
 # Status is computed in Python by addon/pool_status.py, the code the proxy's ledger, `status` and `top`
 # run; the plugin (addon/datasette_plugin.py) gives it to SQL as usage_status_json(): one row per scope.
 STATUS_COLUMNS = ("pool", "key_id", "label", "limit", "used", "remaining", "percentage", "window_start", "resets_at",
-                  "exhausted_at", "reserved", "pace_per_hour", "window", "timezone")
+                  "exhausted_at", "reserved", "held", "pace_per_hour", "window", "timezone")
 
 
 def _status_sql(where: str, columns: tuple[str, ...] = STATUS_COLUMNS) -> str:
@@ -639,9 +639,9 @@ def build() -> dict[str, Any]:
                         STATUS,
                         "Pool status",
                         "Per pool, now: tokens used in the current window, the limit, what remains (after what "
-                        "requests in flight reserved), the percentage used, when the window started (or was last "
-                        "reset), when it resets and when it runs out at the pace of the last hour (exhausted_at; "
-                        "null when not before the reset). Times in UTC.",
+                        "requests in flight reserved and what proxies hold spare for the next ones), the percentage "
+                        "used, when the window started (or was last reset), when it resets and when it runs out at "
+                        "the pace of the last hour (exhausted_at; null when not before the reset). Times in UTC.",
                     ),
                     "key_status": _query(
                         KEY_STATUS,

@@ -138,6 +138,7 @@ def start_proxy(
     addon: bool = True,
     db: Path | None = None,
     extra_env: dict[str, str] | None = None,
+    script: Path | None = None,
 ) -> Proxy:
     port = free_port()
     db = db or tmp_path / "usage.db"
@@ -148,7 +149,7 @@ def start_proxy(
         args += ["--mode", "reverse:https://api.openai.com"]
     args += ["-s", str(ROOT / "tests" / "route.py")]
     if addon:
-        args += ["-s", str(ROOT / "addon" / "usage.py"), "--set", f"usage_db={db}"]
+        args += ["-s", str(script or ROOT / "addon" / "usage.py"), "--set", f"usage_db={db}"]
     for name, value in (options or {}).items():
         args += ["--set", f"{name}={value}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}

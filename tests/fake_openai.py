@@ -73,6 +73,9 @@ class FakeState:
     received: list[Received] = field(default_factory=list)
     websocket_refuse: bool = False  # answer WebSocket upgrades 426 (clients fall back to HTTP)
     background: dict[str, int] = field(default_factory=dict)  # id -> polls left
+    contexts: dict[str, int] = field(default_factory=dict)  # response id -> its input + output (continuations)
+    conversations: dict[str, str] = field(default_factory=dict)  # conversation id -> its latest response id
+    batches: dict[str, dict] = field(default_factory=dict)  # batch id -> batch object
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def calls(self, path_part: str = "") -> list[Received]:
@@ -273,6 +276,26 @@ class Handler(BaseHTTPRequestHandler):
             usage = _responses_usage(50, 20, reasoning=8)
             received.usage_sent = usage
             return self._json(200, _response_object(rid, "gpt-5", "completed", usage))
+        match = re.match(r"^/v1/batches/([^/?]+)$", self.path)
+        if match:
+            with self.server.state.lock:
+                batch = self.server.state.batches.get(match.group(1))
+            if batch is None:
+                return self._error(404)
+            # Finished at the first look: usage of the whole batch.
+            usage = {"input_tokens": 1_500_000, "input_tokens_details": {"cached_tokens": 0},
+                     "output_tokens": 500_000, "output_tokens_details": {"reasoning_tokens": 0},
+                     "total_tokens": 2_000_000}
+            received.usage_sent = usage
+            return self._json(200, {**batch, "status": "completed", "model": "gpt-4o-2024-08-06", "usage": usage,
+                                    "completed_at": int(time.time())})
+        match = re.match(r"^/v1/chat/completions/([^/?]+)$", self.path)
+        if match:  # a stored completion read back (free)
+            usage = {"prompt_tokens": 40, "completion_tokens": 10, "total_tokens": 50}
+            return self._json(200, {"id": match.group(1), "object": "chat.completion", "created": int(time.time()),
+                                    "model": "gpt-4o-2024-08-06", "usage": usage, "choices": [
+                                        {"index": 0, "finish_reason": "stop", "logprobs": None,
+                                         "message": {"role": "assistant", "content": "hi", "refusal": None}}]})
         if self.path.startswith("/v1/organization/"):
             return self._organization()
         if self.path.startswith("/v1/models"):
@@ -293,6 +316,22 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         body = received.json if isinstance(received.json, dict) else {}
         try:
+            if path == "/v1/batches":
+                bid = "batch_" + uuid.uuid4().hex[:24]
+                batch = {"id": bid, "object": "batch", "endpoint": body.get("endpoint"), "errors": None,
+                         "input_file_id": body.get("input_file_id"), "completion_window": "24h",
+                         "status": "validating", "created_at": int(time.time()), "request_counts": {
+                             "total": 0, "completed": 0, "failed": 0}, "metadata": body.get("metadata")}
+                with self.server.state.lock:
+                    self.server.state.batches[bid] = batch
+                return self._json(200, batch)
+            if path in ("/v1/realtime/client_secrets", "/v1/realtime/sessions",
+                        "/v1/realtime/transcription_sessions"):
+                secret = {"value": "ek_" + uuid.uuid4().hex, "expires_at": int(time.time()) + 600}
+                if path.endswith("client_secrets"):
+                    return self._json(200, {**secret, "session": body.get("session") or {}})
+                return self._json(200, {"id": "sess_" + uuid.uuid4().hex[:16], "object": "realtime.session",
+                                        "model": body.get("model"), "client_secret": secret})
             if path.endswith("/chat/completions"):
                 return self._chat(received, body)
             if path.endswith("/completions"):
@@ -491,6 +530,15 @@ class Handler(BaseHTTPRequestHandler):
         rid = "resp_" + uuid.uuid4().hex[:24]
         prompt = count_tokens(body.get("input"))
         chunks = int(self.headers.get("x-fake-chunks") or 3)
+        # A continuation is billed the previous response's whole context again.
+        conversation = body.get("conversation")
+        conversation = conversation.get("id") if isinstance(conversation, dict) else conversation
+        with self.server.state.lock:
+            previous = body.get("previous_response_id") or self.server.state.conversations.get(conversation or "")
+            prompt += self.server.state.contexts.get(previous or "", 0)
+            self.server.state.contexts[rid] = prompt + chunks + 4
+            if conversation:
+                self.server.state.conversations[conversation] = rid
         usage = self._usage_override() or _responses_usage(prompt, chunks + 4, reasoning=4)
         if body.get("background") and not body.get("stream"):
             with self.server.state.lock:

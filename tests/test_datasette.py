@@ -104,7 +104,8 @@ def test_status_matches_rows(filled):
     status = ds.json("/usage/status.json?_shape=array")
     assert isinstance(status, list)
     by_pool = {s["pool"]: s for s in status}
-    assert set(by_pool) == {"premium", "mini", "tiny"}
+    # batch: the track-only pool batches count in when the config names none (batch_pool)
+    assert set(by_pool) == {"premium", "mini", "tiny", "batch"}
     now = datetime.now(timezone.utc)
     rows = rows_of(proxy.db)
     for name, window_start in (("premium", now.replace(hour=0, minute=0, second=0, microsecond=0)),
@@ -115,7 +116,7 @@ def test_status_matches_rows(filled):
         assert s["used"] == used
         # What the proxy would still admit: requests in flight and its lease's spare tokens are held.
         assert s["reserved"] >= 0
-        assert s["remaining"] == max(s["limit"] - used - s["reserved"], 0)
+        assert s["remaining"] == max(s["limit"] - used - s["reserved"] - s["held"], 0)
         assert s["percentage"] == pytest.approx(round(100 * used / s["limit"], 2))
     premium = by_pool["premium"]
     assert premium["window_start"] == iso_utc(now.replace(hour=0, minute=0, second=0, microsecond=0))

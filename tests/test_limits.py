@@ -10,7 +10,16 @@ import pytest
 
 from addon import config as config_mod
 from addon import store
-from addon.limits import Check, Ledger, checks_for, estimate_tokens, window_rows, write_pools
+from addon.limits import (
+    Check,
+    Ledger,
+    checks_for,
+    estimate_tokens,
+    never_fits,
+    refusal_message,
+    window_rows,
+    write_pools,
+)
 from addon.windows import Window, iso_utc
 
 UTC = timezone.utc
@@ -305,7 +314,8 @@ def test_far_from_the_limit_a_lease_admits_in_memory(setup):
     add_row(db, clock.now, "big", 700, reservation=(first.reservation, 1000, first.owner))
     assert reserved_in_db(db) == 15_625
     status = {s.pool: s for s in ledger.status() if s.key_id is None}
-    assert status["big"].used == 700 and status["big"].reserved == 15_625
+    # Reserved: the 15 requests in flight; the rest of the lease is spare, held for no request.
+    assert status["big"].used == 700 and status["big"].reserved == 15_000 and status["big"].held == 625
 
 
 def test_near_the_limit_every_request_is_decided_in_the_database(setup):
@@ -339,7 +349,8 @@ def test_other_processes_see_the_lease_as_reserved(setup):
     spare = reserved_in_db(db) - 1000
     assert spare == (1_000_000 - 900_000 - 1000) // 16  # less than 1/64 of the limit
     refused = other.admit(checks, 1_000_000 - 900_000 - 1000 - spare + 1)
-    assert not refused.admitted and refused.reserved == 1000 + spare
+    # In flight: the request; the spare is held for the other process's next requests.
+    assert not refused.admitted and refused.reserved == 1000 and refused.held == spare
     other.close()
 
 
@@ -506,8 +517,83 @@ def test_a_finished_request_settles_its_unused_estimate(setup):
     assert ledger.admit_local(big, 600) is not None  # the 600 it did not use, before its row lands
     add_row(db, clock.now, "big", 400, reservation=(first.reservation, 400, first.owner))
     assert db.execute("select tokens from reservations where pool = 'big'").fetchone()[0] == 15_625 + 600
-    assert ledger.settle(first.reservation, first.owner, 100, 150) == 100  # used more: the estimate stays
     assert ledger.settle(first.reservation, "someone else", 100, 0) == 100
+
+
+def test_usage_beyond_the_estimate_counts_at_once(setup):
+    """A request that used more than its estimate: the difference is held by
+    the lease from its end (its spare pays first, the rest is added to the row
+    in the next transaction), before its row lands; the row then takes it all."""
+    config, db, clock, ledger = setup
+    other = Ledger(ledger.path, config, clock=clock, owner="other")
+    premium = checks_for(config, "premium", None, None)  # 1000: no spare
+    first = ledger.admit(premium, 300)
+    assert ledger.settle(first.reservation, first.owner, 300, 800) == 800  # used 500 more
+    assert ledger.has_debt()
+    ledger.release_idle()  # what Limits runs at once on the ledger thread
+    assert not ledger.has_debt()
+    assert reserved_in_db(db) == 800
+    # Another process sees it before the row lands: 800 of 1000 are taken.
+    refused = other.admit(premium, 300)
+    assert not refused.admitted and refused.reserved == 800
+    add_row(db, clock.now, "premium", 800, reservation=(first.reservation, 800, first.owner))
+    ledger.landed(first.reservation, first.owner, 800)
+    assert reserved_in_db(db) == 0
+    refused = other.admit(premium, 300)
+    assert not refused.admitted and (refused.used, refused.reserved) == (800, 0)
+    other.close()
+
+
+def test_usage_beyond_estimates_that_crosses_the_limit_gives_up_the_spare(setup):
+    config, db, clock, ledger = setup
+    big = checks_for(config, "big", None, None)
+    add_row(db, clock.now, "big", 900_000)
+    first = ledger.admit(big, 1000)
+    spare = reserved_in_db(db) - 1000
+    assert spare > 1000 and ledger.admit_local(big, 1000) is not None
+    # It used 100,000 tokens: far past what was left.
+    ledger.settle(first.reservation, first.owner, 1000, 100_000)
+    assert ledger.admit_local(big, 1) is None  # nothing more from memory
+    ledger.release_idle()
+    assert not ledger.admit(big, 1).admitted
+
+
+def test_a_lease_gives_up_its_spare_when_another_process_crossed_the_limit(setup):
+    config, db, clock, ledger = setup
+    big = checks_for(config, "big", None, None)
+    add_row(db, clock.now, "big", 900_000)
+    assert ledger.admit(big, 1000).admitted
+    assert ledger.admit_local(big, 1000) is not None
+    add_row(db, clock.now, "big", 99_000)  # another process's request used far more than its estimate
+    ledger.give_up_crossed()  # the tick
+    assert ledger.admit_local(big, 1000) is None
+
+
+def test_a_request_larger_than_the_whole_limit_never_fits(setup):
+    config, db, clock, ledger = setup
+    premium = checks_for(config, "premium", None, None)
+    decision = ledger.admit(premium, 1001)
+    assert not decision.admitted and decision.reason == "never"
+    message = refusal_message(decision, clock.now)
+    assert "needs about 1,001 tokens, more than the whole daily limit of pool 'premium' (1,000 tokens)" in message
+    assert "resets" not in message
+    assert reserved_in_db(db) == 0
+    alice = checks_for(config, "premium", "abc123", None)  # the key's own limit, 300
+    assert never_fits(alice, 301) is alice[1] and never_fits(alice, 300) is None
+
+
+def test_refusal_states_what_is_used_in_flight_and_held(setup):
+    config, db, clock, ledger = setup
+    checks = checks_for(config, "premium", "abc123", None)  # alice: 300 of the pool's 1000
+    refused = ledger.admit(checks, 299)
+    assert refused.admitted
+    add_row(db, clock.now, "premium", 120, key_id="abc123",
+            reservation=(refused.reservation, 299, refused.owner))
+    decision = ledger.admit(checks, 200)
+    assert not decision.admitted
+    message = refusal_message(decision, clock.now)
+    # Nothing in flight: no "reserved" figure at all.
+    assert "120 of its daily 300 tokens used; this request needs about 200" in message
 
 
 def test_near_the_limit_unused_estimates_go_back_to_the_pool(setup):

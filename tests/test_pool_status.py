@@ -177,7 +177,8 @@ def test_every_reader_agrees(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "addon", "status", "--db", str(path), "--json", "--config",
                           str(override)], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     rows = {(r["pool"], r["key_id"]): r for r in json.loads(cli.stdout)}
-    assert set(rows) == {("premium", None), ("mini", None), ("other", None)}
+    # (and the implicit track-only pool that batches count in)
+    assert set(rows) == {("premium", None), ("mini", None), ("other", None), ("batch", None)}
     assert rows[("premium", None)]["limit"] == 9_000 and rows[("premium", None)]["used"] == 1_250
 
 
@@ -213,7 +214,7 @@ def test_forecast_with_an_injected_clock(tmp_path, clock, rows, expected):
     config = config_mod.parse('[pools.p]\nlimit = 5000\nwindow = "day"\nmodels = ["gpt-4o"]\n')
     ledger = Ledger(path, config, clock=lambda: now)
     try:
-        (status,) = ledger.status()
+        status = next(s for s in ledger.status() if s.pool == "p")  # (beside the implicit batch pool)
     finally:
         ledger.close()
     assert (iso_utc(status.exhausted_at) if status.exhausted_at else None) == expected
@@ -223,7 +224,7 @@ def test_forecast_with_an_injected_clock(tmp_path, clock, rows, expected):
     register_functions(conn)
     ((text,),) = conn.execute("SELECT usage_status_json(?)", (iso_utc(now),)).fetchall()
     conn.close()
-    assert json.loads(text) == [pool_status.as_row(status)]
+    assert [row for row in json.loads(text) if row["pool"] == "p"] == [pool_status.as_row(status)]
 
 
 def test_dashboard_today_by_hour_follows_the_status(tmp_path):
