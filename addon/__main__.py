@@ -1,3 +1,3 @@
-from .cli import main
+from addon.tools.cli import main
 
 raise SystemExit(main())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .windows import Window
+from addon.ledger.windows import Window
 
 DEFAULT_CONFIG = Path(__file__).with_name("default-config.toml")
 DEFAULT_THRESHOLDS = (80.0, 100.0)
@@ -104,7 +104,7 @@ class Config:
     issued_keys: dict[str, Any] = field(default_factory=dict)
     forecast_alerts: bool = False  # [alerts] forecast: alert when a pool is on pace to run out before its reset
     # Input assumed for the previous context of a continuation whose previous
-    # response this database never recorded (see addon/estimate.py).
+    # response this database never recorded (see addon/ledger/estimate.py).
     estimate_previous_tokens: int = 8192
     batch_pool: str | None = "batch"  # where batches' usage counts; None: the batch's model's pool
 

@@ -203,7 +203,7 @@ async def first_chunk_times(port: int, samples: int) -> list[float]:
 METER_ONLY = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
-from addon.capture import UsageMeter
+from addon.proxy.meter import UsageMeter
 addons = [UsageMeter()]
 """
 
@@ -471,7 +471,7 @@ def report(results: dict, args) -> None:
     print()
     print("plain = plain mitmdump, which buffers SSE: its first chunk only comes with the last, so the first-chunk")
     print("rows compare against plain-str = plain mitmdump plus a 4-line script that streams SSE responses.")
-    print("meter = the capture addon alone (addon.capture.UsageMeter); addon = addon/usage.py, every addon.")
+    print("meter = the capture addon alone (addon.proxy.meter.UsageMeter); addon = addon/usage.py, every addon.")
     throughput = med(addon["rps"]) / med(plain["rps"]) if med(plain["rps"]) else 0.0
     streaming_floor = med(stream["rps"]) / med(plain["rps"]) if med(plain["rps"]) else 0.0
     latency = med(addon["latency_rps"]) / med(plain["latency_rps"]) if med(plain["latency_rps"]) else 0.0

@@ -116,15 +116,15 @@ def start(name: str, workdir: Path, confdir: Path, fake_port: int,
 
 def prefill(db: Path) -> None:
     """A reset and one row that put the pool at NEAR_USED of its limit, now (running proxies pick it up)."""
-    from addon import store
-    from addon.windows import iso_utc, utc_now
+    from addon.ledger.windows import iso_utc, utc_now
+    from addon.store import schema
 
-    database = store.connect(db)
-    store.migrate(database)
+    database = schema.connect(db)
+    schema.migrate(database)
     now = utc_now()
     with database.conn:
         database.conn.execute("INSERT INTO resets (ts, pool, note) VALUES (?, 'tail', 'bench')", (iso_utc(now),))
-        store.insert_rows(database, [{"ts": iso_utc(now), "day": now.date().isoformat(), "pool": "tail",
+        schema.insert_rows(database, [{"ts": iso_utc(now), "day": now.date().isoformat(), "pool": "tail",
                                       "model": "gpt-4o-mini", "endpoint": "chat.completions", "outcome": "ok",
                                       "input_tokens": NEAR_USED, "output_tokens": 0, "total_tokens": NEAR_USED}])
     database.conn.close()

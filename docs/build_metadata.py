@@ -40,8 +40,8 @@ DAYS = "max(CAST(coalesce(nullif(:days, ''), 7) AS INTEGER), 1)"
 # The first instant of the last :days local days (today included).
 SINCE = f"since AS (SELECT strftime({ISO}, start, '-' || ({DAYS} - 1) || ' days') AS from_ts FROM midnight)"
 
-# Status is computed in Python by addon/pool_status.py, the code the proxy's ledger, `status` and `top`
-# run; the plugin (addon/datasette_plugin.py) gives it to SQL as usage_status_json(): one row per scope.
+# Status is computed in Python by addon/ledger/pool_status.py, the code the proxy's ledger, `status` and `top`
+# run; the plugin (addon/datasette/plugin.py) gives it to SQL as usage_status_json(): one row per scope.
 STATUS_COLUMNS = ("pool", "key_id", "label", "limit", "used", "remaining", "percentage", "window_start", "resets_at",
                   "exhausted_at", "reserved", "held", "pace_per_hour", "window", "timezone")
 

@@ -9,7 +9,7 @@ import time
 import openai
 from conftest import FAKE_KEY
 
-from addon import bodylog
+from addon.proxy import bodylog
 
 
 def read_log(path, count: int, timeout: float = 10) -> list[dict]:

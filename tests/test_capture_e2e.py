@@ -15,7 +15,7 @@ import openai
 import pytest
 from conftest import Proxy, start_proxy
 
-from addon.meter import key_id
+from addon.metering.wire import key_id
 
 _keys = itertools.count()
 USED_KEYS: list[str] = []

@@ -14,8 +14,9 @@ import pytest
 from conftest import ROOT
 
 from addon import config as config_mod
-from addon import meter, store
-from addon.prices import Pricer, shadowed_snapshots
+from addon.metering import wire
+from addon.metering.pricing import Pricer, shadowed_snapshots
+from addon.store import schema
 
 TS = "2026-11-29T10:00:00.000Z"
 
@@ -24,13 +25,13 @@ def row(model: str, **values) -> dict:
     return {"ts": TS, "model": model, "outcome": "ok", **values}
 
 
-def columns(usage: meter.Usage) -> dict:
+def columns(usage: wire.Usage) -> dict:
     return {k: v for k, v in usage.as_columns().items() if v is not None}
 
 
 # -- parsing ----------------------------------------------------------------------
 def test_chat_audio_and_cache_write_parts():
-    usage = meter.parse_usage({
+    usage = wire.parse_usage({
         "prompt_tokens": 1200, "completion_tokens": 800, "total_tokens": 2001,
         "prompt_tokens_details": {"cached_tokens": 100, "audio_tokens": 1000, "cache_write_tokens": 50},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 700}})
@@ -41,7 +42,7 @@ def test_chat_audio_and_cache_write_parts():
 
 
 def test_realtime_shape_splits_audio_and_cached_audio():
-    usage = meter.parse_usage({
+    usage = wire.parse_usage({
         "total_tokens": 1500, "input_tokens": 1000, "output_tokens": 500,
         "input_token_details": {"text_tokens": 400, "audio_tokens": 600, "cached_tokens": 300,
                                 "cached_tokens_details": {"text_tokens": 100, "audio_tokens": 200}},
@@ -57,7 +58,7 @@ def test_realtime_shape_splits_audio_and_cached_audio():
 
 
 def test_image_model_parts_and_tool_calls():
-    facts = meter.facts_from_body({
+    facts = wire.facts_from_body({
         "id": "resp_1", "object": "response", "status": "completed", "model": "gpt-5-mini",
         "usage": {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
         "output": [{"type": "web_search_call"}, {"type": "web_search_call"}, {"type": "message"},
@@ -67,35 +68,35 @@ def test_image_model_parts_and_tool_calls():
     assert facts.usage.tool_calls == {"web_search": 2, "code_interpreter": 3, "container": 2}
     assert json.loads(facts.usage.as_columns()["tool_calls"]) == {"web_search": 2, "code_interpreter": 3,
                                                                    "container": 2}
-    image = meter.parse_usage({"input_tokens": 1050, "input_tokens_details": {"text_tokens": 50, "image_tokens": 1000},
+    image = wire.parse_usage({"input_tokens": 1050, "input_tokens_details": {"text_tokens": 50, "image_tokens": 1000},
                                "output_tokens": 4160, "total_tokens": 5210})
     assert image.image_input_tokens == 1000 and image.image_output_tokens is None
-    completed = meter.complete_usage("images.generations", image, meter.RequestFacts(), None)
+    completed = wire.complete_usage("images.generations", image, wire.RequestFacts(), None)
     assert completed.image_output_tokens == 4160
 
 
 def test_duration_rows_have_no_tokens():
-    usage = meter.parse_usage({"type": "duration", "seconds": 60})
+    usage = wire.parse_usage({"type": "duration", "seconds": 60})
     cols = usage.as_columns()
     assert cols["audio_seconds"] == 60.0
     assert all(cols[c] is None for c in ("input_tokens", "output_tokens", "total_tokens", "cached_tokens"))
 
 
 def test_speech_and_dall_e_complete_usage():
-    request = meter.facts_from_request({"model": "tts-1", "voice": "alloy", "input": "x" * 1000})
+    request = wire.facts_from_request({"model": "tts-1", "voice": "alloy", "input": "x" * 1000})
     assert request.characters == 1000
-    assert meter.complete_usage("audio.speech", None, request, None).characters == 1000
-    facts = meter.facts_from_body({"created": 1, "data": [{"url": "u"}, {"url": "v"}]})
-    usage = meter.complete_usage("images.generations", None, meter.RequestFacts(), facts)
+    assert wire.complete_usage("audio.speech", None, request, None).characters == 1000
+    facts = wire.facts_from_body({"created": 1, "data": [{"url": "u"}, {"url": "v"}]})
+    usage = wire.complete_usage("images.generations", None, wire.RequestFacts(), facts)
     assert usage.images == 2 and usage.input_tokens is None
 
 
 def test_processing_and_billed_tier():
-    assert meter.processing_of(None) == "standard" and meter.processing_of("default") == "standard"
-    assert meter.processing_of("priority") == "priority"
-    assert meter.billed_service_tier(None, "priority") == "priority"
-    assert meter.billed_service_tier("default", "priority") == "default"
-    assert meter.billed_service_tier("auto", "flex") == "flex"
+    assert wire.processing_of(None) == "standard" and wire.processing_of("default") == "standard"
+    assert wire.processing_of("priority") == "priority"
+    assert wire.billed_service_tier(None, "priority") == "priority"
+    assert wire.billed_service_tier("default", "priority") == "default"
+    assert wire.billed_service_tier("auto", "flex") == "flex"
 
 
 # -- pricing ----------------------------------------------------------------------
@@ -180,7 +181,7 @@ image_generation = 40
 def test_one_error_never_disables_a_model(caplog):
     pricer = Pricer()
     bad = row("gpt-4o", input_tokens=10, cached_tokens=50, output_tokens=1)  # cached > input
-    with caplog.at_level(logging.WARNING, logger="addon.prices"):
+    with caplog.at_level(logging.WARNING, logger="addon.metering.pricing"):
         assert pricer.quote(bad) == (None, "unknown_price")
         assert pricer.quote(row("gpt-4o", input_tokens=10, tool_calls="{not json")) == (None, "unknown_price")
     assert "usage parts exceed" in caplog.text and "pricing failed" in caplog.text
@@ -260,7 +261,7 @@ def test_migrates_a_database_of_the_previous_version(make_proxy, tmp_path):
     got = conn.execute("SELECT model, cost_usd, cost_status FROM requests ORDER BY id").fetchall()
     names = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
     conn.close()
-    assert set(store.REQUEST_COLUMNS) <= names
+    assert set(schema.REQUEST_COLUMNS) <= names
     assert got[0] == ("gpt-4o-2024-08-06", pytest.approx(0.003), "priced")
     # whisper-1 written with 0 tokens by the old version: priced by its seconds, not $0.
     assert got[1] == ("whisper-1", pytest.approx(0.006), "priced")

@@ -1,7 +1,7 @@
 """The JSON API: Datasette canned queries over a database filled through the real proxy.
 
 Every figure is checked against the rows of `requests` (and `alerts`), and the
-window arithmetic of `status` against addon/windows.py for each window kind
+window arithmetic of `status` against addon/ledger/windows.py for each window kind
 and a non-UTC time zone.
 """
 
@@ -19,9 +19,9 @@ import pytest
 from test_datasette_helpers import METADATA, Datasette, publish_pools, run_canned
 
 from addon import config as config_mod
-from addon import store
-from addon.meter import key_id
-from addon.windows import iso_utc, local_day
+from addon.ledger.windows import iso_utc, local_day
+from addon.metering.wire import key_id
+from addon.store import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 OTHER_KEY = "sk-proj-second0123456789abcdefQRST"
@@ -178,7 +178,7 @@ def test_recent_blocked_alerts_and_shapes(filled):
     full = ds.json("/usage/history.json")
     assert isinstance(full, dict) and full["ok"] is True and "rows" in full
     # Alerts: rows of the alerts table within the last days.
-    db = store.connect(proxy.db)
+    db = schema.connect(proxy.db)
     now = datetime.now(timezone.utc)
     with db.conn:
         db.table("alerts").insert_all([
@@ -234,13 +234,13 @@ def _db_with(tmp_path: Path, config_text: str, rows: list[dict], resets: list[di
     path = tmp_path / "usage.db"
     config = config_mod.parse(config_text, tmp_path / "c.toml")
     publish_pools(path, config)
-    db = store.connect(path)
+    db = schema.connect(path)
     with db.conn:
         for i, row in enumerate(rows):
             ts = row["at"]
             db.table("requests").insert({"ts": iso_utc(ts), "day": local_day(ts, config.timezone), "pool": row["pool"],
                                          "model": "m", "outcome": "ok", "total_tokens": row["tokens"], "id": i + 1},
-                                        columns=store.REQUEST_COLUMNS)
+                                        columns=schema.REQUEST_COLUMNS)
         for reset in resets:
             db.table("resets").insert({"ts": iso_utc(reset["at"]), "pool": reset["pool"],
                                        "key_id": reset.get("key_id")})

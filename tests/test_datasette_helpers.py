@@ -28,7 +28,7 @@ def run_canned(db: Path, name: str, **params: str) -> list[dict]:
     sql = canned_sql(name)
     for param in metadata()["databases"]["usage"]["queries"][name].get("params", []):
         params.setdefault(param, "")
-    from addon.datasette_plugin import register_functions
+    from addon.datasette.plugin import register_functions
 
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
@@ -41,15 +41,15 @@ def run_canned(db: Path, name: str, **params: str) -> list[dict]:
 
 def publish_pools(db_path: Path, config, now: datetime | None = None) -> None:
     """Write `pools` and `pool_windows` the way the proxy does."""
-    from addon import store
+    from addon.store import schema
 
     now = now or datetime.now(timezone.utc)
-    db = store.connect(db_path)
+    db = schema.connect(db_path)
     try:
-        store.migrate(db)
+        schema.migrate(db)
         try:
-            from addon.limits import write_pools
-        except ImportError:  # before addon/limits.py existed
+            from addon.ledger.sqlite_ledger import write_pools
+        except ImportError:  # before addon/ledger/sqlite_ledger.py existed
             write_pools = _write_pools
         write_pools(db, config, now)
     finally:
@@ -57,7 +57,7 @@ def publish_pools(db_path: Path, config, now: datetime | None = None) -> None:
 
 
 def _write_pools(db, config, now: datetime) -> None:
-    from addon.windows import iso_utc
+    from addon.ledger.windows import iso_utc
 
     with db.conn:
         db.execute("DELETE FROM pools")

@@ -96,7 +96,7 @@ def test_run_refuses_a_bad_config(tmp_path):
 
 
 def test_run_renames_the_database_in_the_metadata(tmp_path):
-    from addon.runner import metadata_for
+    from addon.tools.run import metadata_for
 
     path = metadata_for(tmp_path / "team.db", tmp_path)
     data = json.loads(path.read_text())

@@ -157,7 +157,7 @@ def test_two_proxy_processes_share_one_database(make_proxy, tmp_path, capsys):
 
 
 def test_per_key_limit_with_label(make_proxy, tmp_path):
-    from addon.meter import key_id
+    from addon.metering.wire import key_id
 
     alice = "sk-alice-0123456789abcdef"
     extra = f'\n[keys.{key_id(alice)}]\nlabel = "alice"\nlimits = {{ premium = 400 }}\n'
@@ -252,11 +252,11 @@ def test_alerts_fire_once_per_threshold_and_reach_the_webhook(make_proxy, tmp_pa
 
 
 def test_webhook_failures_are_recorded(tmp_path):
-    from addon import store
-    from addon.alerts import WebhookSender
+    from addon.ledger.alerts import WebhookSender
+    from addon.store import schema
 
-    db = store.connect(tmp_path / "usage.db")
-    store.migrate(db)
+    db = schema.connect(tmp_path / "usage.db")
+    schema.migrate(db)
     db.table("alerts").insert({"id": 1, "pool": "p", "message": "m", "delivered": 0, "threshold": 80})
 
     class Failing(BaseHTTPRequestHandler):

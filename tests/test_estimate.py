@@ -1,10 +1,10 @@
-"""The estimation rules (addon/estimate.py), one by one."""
+"""The estimation rules (addon/ledger/estimate.py), one by one."""
 
 from __future__ import annotations
 
 from addon import config as config_mod
-from addon.estimate import PreviousUsage, estimate
-from addon.meter import RequestFacts, facts_from_request
+from addon.ledger.estimate import PreviousUsage, estimate
+from addon.metering.wire import RequestFacts, facts_from_request
 
 CONFIG = config_mod.parse("""
 estimate_output_tokens = 1000

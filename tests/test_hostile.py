@@ -17,9 +17,9 @@ from conftest import FAKE_KEY, ROOT, start_proxy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addon import meter
-from addon.capture import StreamTap
-from addon.sse import SSEEvent, SSEOverflow, SSEParser
+from addon.metering import wire
+from addon.metering.sse import SSEEvent, SSEOverflow, SSEParser
+from addon.proxy.meter import StreamTap
 
 CHAT = "/v1/chat/completions"
 AUTH = {"authorization": f"Bearer {FAKE_KEY}"}
@@ -160,13 +160,13 @@ def test_stream_tap_forwards_every_byte(parts, strip, encoding):
 @settings(max_examples=500, deadline=None)
 @given(usage_like | json_values)
 def test_usage_extraction_survives_any_json(obj):
-    usage = meter.parse_usage(obj)
+    usage = wire.parse_usage(obj)
     if usage is not None:
         assert usage.total_tokens == (usage.input_tokens or 0) + (usage.output_tokens or 0) or usage.seconds
-    meter.facts_from_body(obj)
-    meter.facts_from_body({"response": obj, "usage": obj, "error": obj})
-    meter.facts_from_request(obj, 10)
-    stream = meter.StreamMeter(strip_usage_chunk=True)
+    wire.facts_from_body(obj)
+    wire.facts_from_body({"response": obj, "usage": obj, "error": obj})
+    wire.facts_from_request(obj, 10)
+    stream = wire.StreamMeter(strip_usage_chunk=True)
     for kind in (None, "response.completed", "error"):
         data = json.dumps(obj, default=str)
         stream.observe(SSEEvent(event=kind, data=data, raw=b""))

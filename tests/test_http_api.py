@@ -25,7 +25,7 @@ import pytest
 from conftest import FAKE_KEY, ROOT, free_port, wait_port
 from fake_openai import FakeServer
 
-from addon.meter import key_id
+from addon.metering.wire import key_id
 
 TOKEN = "s3cret-admin-token-0123456789"
 ADMIN_KEY = "sk-admin-test0123456789"
@@ -344,11 +344,11 @@ def test_read_routes_follow_datasettes_allow(tmp_path):
     from test_datasette_helpers import Datasette, metadata
 
     from addon import config as config_mod
-    from addon import store
-    from addon.limits import write_pools
+    from addon.ledger.sqlite_ledger import write_pools
+    from addon.store import schema
 
-    db = store.connect(tmp_path / "usage.db")
-    store.migrate(db)
+    db = schema.connect(tmp_path / "usage.db")
+    schema.migrate(db)
     write_pools(db, config_mod.load(None))
     db.conn.close()
     locked = tmp_path / "metadata.json"
@@ -374,7 +374,7 @@ def test_token_is_compared_in_constant_time(monkeypatch):
     length of the presented token changes what is compared."""
     import hmac
 
-    from addon import http_api
+    from addon.datasette import http_api
 
     compared: list[tuple[int, int]] = []
     original = hmac.compare_digest

@@ -12,7 +12,9 @@ import openai
 import pytest
 from conftest import ROOT, start_proxy
 
-from addon import issued_keys, meter, store
+from addon.metering import wire
+from addon.proxy import issued_keys
+from addon.store import schema
 
 UPSTREAM = "sk-proj-upstreamSHARED0123456789abcd"
 
@@ -74,8 +76,8 @@ def test_issued_key_is_swapped_for_upstream_key_and_metered_by_label(setup, fake
     assert [c.headers["authorization"] for c in upstream] == [f"Bearer {UPSTREAM}"]
     (row,) = proxy.wait_rows(1)
     assert row["label"] == "alice"
-    assert row["key_id"] == meter.key_id(key) == issued_keys.key_hash(key)[:12]
-    assert row["key_hint"] == meter.key_hint(key)
+    assert row["key_id"] == wire.key_id(key) == issued_keys.key_hash(key)[:12]
+    assert row["key_hint"] == wire.key_hint(key)
     assert row["total_tokens"] == answer.usage.total_tokens
     assert UPSTREAM.encode() not in db.read_bytes()
 
@@ -139,15 +141,15 @@ def test_cli_list_and_revoke(tmp_path):
     listed = json.loads(cli("keys", "list", "--json", "--db", str(db)).stdout)
     assert [k["label"] for k in listed] == ["dave", "erin"]
     assert all("key_hash" not in k for k in listed)
-    assert listed[0]["key_id"] == meter.key_id(first) and listed[0]["revoked_at"] is None
+    assert listed[0]["key_id"] == wire.key_id(first) and listed[0]["revoked_at"] is None
     table = cli("keys", "list", "--db", str(db)).stdout
     assert "dave" in table and "active" in table
-    assert cli("keys", "revoke", meter.key_id(first), "--db", str(db)).returncode == 0
-    again = cli("keys", "revoke", meter.key_id(first), "--db", str(db))
+    assert cli("keys", "revoke", wire.key_id(first), "--db", str(db)).returncode == 0
+    again = cli("keys", "revoke", wire.key_id(first), "--db", str(db))
     assert again.returncode == 1 and "no active issued key" in again.stdout
     listed = json.loads(cli("keys", "list", "--json", "--db", str(db)).stdout)
     assert listed[0]["revoked_at"] and listed[1]["revoked_at"] is None
-    conn = store.connect(db).conn
+    conn = schema.connect(db).conn
     assert issued_keys.KeyCache  # the proxy reads the same rows
     assert [k.label for k in issued_keys.load_all(conn)] == ["dave", "erin"]
 

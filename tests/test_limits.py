@@ -9,8 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from addon import config as config_mod
-from addon import store
-from addon.limits import (
+from addon.ledger.sqlite_ledger import (
     Check,
     Ledger,
     checks_for,
@@ -20,7 +19,8 @@ from addon.limits import (
     window_rows,
     write_pools,
 )
-from addon.windows import Window, iso_utc
+from addon.ledger.windows import Window, iso_utc
+from addon.store import schema
 
 UTC = timezone.utc
 PARIS = ZoneInfo("Europe/Paris")
@@ -134,8 +134,8 @@ class Clock:
 @pytest.fixture
 def setup(tmp_path):
     config = config_mod.parse(CONFIG, tmp_path / "c.toml")
-    db = store.connect(tmp_path / "usage.db")
-    store.migrate(db)
+    db = schema.connect(tmp_path / "usage.db")
+    schema.migrate(db)
     clock = Clock(utc(2026, 11, 22, 10))
     ledger = Ledger(tmp_path / "usage.db", config, clock=clock)
     yield config, db, clock, ledger
@@ -148,7 +148,7 @@ def add_row(db, ts: datetime, pool: str, tokens: int, key_id: str | None = None,
     if reservation:
         row["_reservation"] = reservation
     with db.conn:
-        store.insert_rows(db, [row])
+        schema.insert_rows(db, [row])
 
 
 def test_admission_counts_rows_and_reservations(setup):
@@ -237,7 +237,7 @@ def test_stale_reservations_expire(setup, monkeypatch):
     assert crashed.admit(checks, 900).admitted
     crashed.close()  # never settles: a kill -9
     assert not ledger.admit(checks, 200).admitted
-    import addon.limits as limits
+    import addon.ledger.sqlite_ledger as limits
 
     real_time = limits.time.time
     monkeypatch.setattr(limits.time, "time", lambda: real_time() + limits.RESERVATION_TTL + 1)
@@ -277,8 +277,8 @@ def test_ledger_follows_a_moved_database(setup, tmp_path):
         ledger.admit(checks, 100)
     for suffix in ("-wal", "-shm"):
         (tmp_path / f"usage.db{suffix}").unlink(missing_ok=True)
-    fresh = store.connect(tmp_path / "usage.db")
-    store.migrate(fresh)
+    fresh = schema.connect(tmp_path / "usage.db")
+    schema.migrate(fresh)
     assert ledger.admit(checks, 100).admitted  # the new file: nothing used yet
     assert fresh.execute("select count(*) from reservations").fetchone()[0] == 1
 
@@ -469,7 +469,7 @@ def test_writer_keeps_reservations_of_rows_it_has_to_clean(setup, tmp_path):
     and its estimate still leaves the lease."""
     config, db, clock, ledger = setup
     first = ledger.admit(checks_for(config, "big", None, None), 1000)
-    writer = store.Writer(ledger.path)
+    writer = schema.Writer(ledger.path)
     try:
         writer.put({"ts": iso_utc(clock.now), "pool": "big", "total_tokens": 10, "outcome": "ok",
                     "user_agent": "bad \udcff agent", "_reservation": (first.reservation, 1000, first.owner)})
@@ -494,7 +494,7 @@ def test_rows_the_writer_drops_give_their_estimate_back(setup, tmp_path):
             ledger.give_back(*row["_reservation"])
 
     # A directory that does not exist: rows wait in a spool of 2; the rest are dropped.
-    writer = store.Writer(tmp_path / "missing" / "usage.db", spool_limit=2, on_drop=give_back)
+    writer = schema.Writer(tmp_path / "missing" / "usage.db", spool_limit=2, on_drop=give_back)
     try:
         for decision in [first, *local]:
             writer.put({"ts": iso_utc(clock.now), "pool": "big", "total_tokens": 10, "outcome": "ok",

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 from test_enforce_e2e import Receiver, wait_for, webhook  # noqa: F401 (fixture)
 
-from addon.meter import key_id
+from addon.metering.wire import key_id
 
 POOLS = """
 timezone = "UTC"

@@ -16,9 +16,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addon import meter
-from addon.capture import StreamTap
-from addon.sse import SSEParser
+from addon.metering import wire
+from addon.metering.sse import SSEParser
+from addon.proxy.meter import StreamTap
 
 # ---------------------------------------------------------------------------
 # Endpoints
@@ -46,7 +46,7 @@ from addon.sse import SSEParser
     ],
 )
 def test_classify(method, path, name, deployment, rid):
-    endpoint = meter.classify(method, path)
+    endpoint = wire.classify(method, path)
     assert (endpoint.name, endpoint.deployment, endpoint.response_id) == (name, deployment, rid)
 
 
@@ -60,7 +60,7 @@ def cols(usage):
 
 
 def test_chat_usage_with_details():
-    usage = meter.parse_usage({
+    usage = wire.parse_usage({
         "prompt_tokens": 100, "completion_tokens": 40, "total_tokens": 140,
         "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 30, "audio_tokens": 0,
@@ -70,30 +70,30 @@ def test_chat_usage_with_details():
 
 
 def test_chat_usage_without_details_and_with_null_details():
-    assert cols(meter.parse_usage({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})) == (5, 0, 2, 0, 7)
+    assert cols(wire.parse_usage({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})) == (5, 0, 2, 0, 7)
     usage = {"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": None,
              "completion_tokens_details": None}
-    assert cols(meter.parse_usage(usage)) == (5, 0, 2, 0, 7)
+    assert cols(wire.parse_usage(usage)) == (5, 0, 2, 0, 7)
 
 
 def test_total_is_input_plus_output_even_if_upstream_says_otherwise():
-    usage = meter.parse_usage({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 999})
+    usage = wire.parse_usage({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 999})
     assert usage.total_tokens == 7
 
 
 def test_responses_usage():
-    usage = meter.parse_usage({"input_tokens": 300, "input_tokens_details": {"cached_tokens": 128},
+    usage = wire.parse_usage({"input_tokens": 300, "input_tokens_details": {"cached_tokens": 128},
                                "output_tokens": 50, "output_tokens_details": {"reasoning_tokens": 20},
                                "total_tokens": 350})
     assert cols(usage) == (300, 128, 50, 20, 350)
 
 
 def test_embeddings_usage_has_no_output():
-    assert cols(meter.parse_usage({"prompt_tokens": 8, "total_tokens": 8})) == (8, 0, 0, 0, 8)
+    assert cols(wire.parse_usage({"prompt_tokens": 8, "total_tokens": 8})) == (8, 0, 0, 0, 8)
 
 
 def test_transcription_token_usage():
-    usage = meter.parse_usage({"type": "tokens", "input_tokens": 70,
+    usage = wire.parse_usage({"type": "tokens", "input_tokens": 70,
                                "input_token_details": {"text_tokens": 0, "audio_tokens": 70},
                                "output_tokens": 12, "total_tokens": 82})
     assert cols(usage) == (70, 0, 12, 0, 82)
@@ -101,15 +101,15 @@ def test_transcription_token_usage():
 
 
 def test_transcription_duration_usage():
-    usage = meter.parse_usage({"type": "duration", "seconds": 7})
+    usage = wire.parse_usage({"type": "duration", "seconds": 7})
     # Duration-billed: no tokens at all (NULL columns, not 0).
     assert usage.seconds == 7.0 and usage.total_tokens is None and usage.input_tokens is None
     assert usage.as_columns()["audio_seconds"] == 7.0
-    assert meter.implausible_usage(meter.parse_usage({"type": "duration", "seconds": "7"})) is not None
+    assert wire.implausible_usage(wire.parse_usage({"type": "duration", "seconds": "7"})) is not None
 
 
 def test_image_usage():
-    usage = meter.parse_usage({"input_tokens": 30, "input_tokens_details": {"text_tokens": 30, "image_tokens": 0},
+    usage = wire.parse_usage({"input_tokens": 30, "input_tokens_details": {"text_tokens": 30, "image_tokens": 0},
                                "output_tokens": 4160, "total_tokens": 4190})
     assert cols(usage) == (30, 0, 4160, 0, 4190)
 
@@ -117,14 +117,14 @@ def test_image_usage():
 @pytest.mark.parametrize("value", [None, [], "x", 3, {}, {"foo": 1}, {"prompt_tokens": None},
                                    {"prompt_tokens": "12", "completion_tokens": True}])
 def test_not_usage(value):
-    usage = meter.parse_usage(value)
-    assert usage is None or meter.implausible_usage(usage) is not None  # no usage, or usage recorded as none
+    usage = wire.parse_usage(value)
+    assert usage is None or wire.implausible_usage(usage) is not None  # no usage, or usage recorded as none
 
 
 def test_odd_numbers():
-    usage = meter.parse_usage({"prompt_tokens": 10.0, "completion_tokens": 0})
-    assert cols(usage) == (10, 0, 0, 0, 10) and meter.implausible_usage(usage) is None  # 10.0 is a whole number
-    assert "bool" in meter.implausible_usage(meter.parse_usage({"prompt_tokens": 10, "completion_tokens": True}))
+    usage = wire.parse_usage({"prompt_tokens": 10.0, "completion_tokens": 0})
+    assert cols(usage) == (10, 0, 0, 0, 10) and wire.implausible_usage(usage) is None  # 10.0 is a whole number
+    assert "bool" in wire.implausible_usage(wire.parse_usage({"prompt_tokens": 10, "completion_tokens": True}))
 
 
 @pytest.mark.parametrize(
@@ -142,20 +142,20 @@ def test_odd_numbers():
     ],
 )
 def test_implausible_usage(raw, reason):
-    assert reason in meter.implausible_usage(meter.parse_usage(raw))
+    assert reason in wire.implausible_usage(wire.parse_usage(raw))
 
 
 def test_implausible_usage_checks_every_numeric_field():
     """Fields added to Usage later (audio, images, ...) are covered without a change here."""
     from dataclasses import fields
 
-    for item in fields(meter.Usage):
+    for item in fields(wire.Usage):
         if "int" not in str(item.type) and "float" not in str(item.type):
             continue
-        usage = meter.Usage(input_tokens=10, output_tokens=10, total_tokens=20)
+        usage = wire.Usage(input_tokens=10, output_tokens=10, total_tokens=20)
         setattr(usage, item.name, -1)
-        assert item.name in meter.implausible_usage(usage)
-    assert meter.implausible_usage(meter.Usage(input_tokens=10, output_tokens=10, total_tokens=20)) is None
+        assert item.name in wire.implausible_usage(usage)
+    assert wire.implausible_usage(wire.Usage(input_tokens=10, output_tokens=10, total_tokens=20)) is None
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def test_implausible_usage_checks_every_numeric_field():
 
 
 def test_chat_body_facts():
-    facts = meter.facts_from_body({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-2024-08-06",
+    facts = wire.facts_from_body({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-2024-08-06",
                                    "service_tier": "default", "choices": [],
                                    "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
     assert (facts.model, facts.response_id, facts.service_tier, facts.error) == (
@@ -172,28 +172,28 @@ def test_chat_body_facts():
 
 
 def test_background_response_facts():
-    queued = meter.facts_from_body({"id": "resp_1", "object": "response", "status": "queued", "usage": None,
+    queued = wire.facts_from_body({"id": "resp_1", "object": "response", "status": "queued", "usage": None,
                                     "model": "gpt-5"})
     assert (queued.status, queued.usage, queued.response_id) == ("queued", None, "resp_1")
-    failed = meter.facts_from_body({"id": "resp_1", "status": "failed", "error": {"code": "server_error",
+    failed = wire.facts_from_body({"id": "resp_1", "status": "failed", "error": {"code": "server_error",
                                                                                   "message": "boom"}})
     assert failed.error == "server_error: boom"
-    failed = meter.facts_from_body({"id": "resp_1", "status": "failed", "error": None})
+    failed = wire.facts_from_body({"id": "resp_1", "status": "failed", "error": None})
     assert failed.error == "response failed"
 
 
 def test_error_body_facts():
-    facts = meter.facts_from_body({"error": {"message": "Rate limit", "type": "requests",
+    facts = wire.facts_from_body({"error": {"message": "Rate limit", "type": "requests",
                                              "param": None, "code": "rate_limit_exceeded"}})
     assert facts.error == "requests/rate_limit_exceeded: Rate limit"
-    assert meter.facts_from_body({"error": "plain"}).error == "plain"
-    assert meter.facts_from_body([1, 2]).usage is None
+    assert wire.facts_from_body({"error": "plain"}).error == "plain"
+    assert wire.facts_from_body([1, 2]).usage is None
 
 
 def test_parse_json_rejects_garbage_quietly():
-    assert meter.parse_json(b"<html>") is None
-    assert meter.parse_json(b"\xff\xfe") is None
-    assert meter.parse_json(b"[" * 100_000) is None
+    assert wire.parse_json(b"<html>") is None
+    assert wire.parse_json(b"\xff\xfe") is None
+    assert wire.parse_json(b"[" * 100_000) is None
 
 
 # ---------------------------------------------------------------------------
@@ -201,18 +201,18 @@ def test_parse_json_rejects_garbage_quietly():
 
 
 def test_request_facts():
-    facts = meter.facts_from_request({"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": False},
+    facts = wire.facts_from_request({"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": False},
                                       "max_completion_tokens": 50, "service_tier": "flex"}, 123)
     assert (facts.model, facts.stream, facts.include_usage, facts.max_output_tokens, facts.service_tier,
             facts.input_chars, facts.json_ok) == ("gpt-4o", True, False, 50, "flex", 123, True)
-    facts = meter.facts_from_request({"model": 5, "stream": "yes", "background": True, "max_output_tokens": -1})
+    facts = wire.facts_from_request({"model": 5, "stream": "yes", "background": True, "max_output_tokens": -1})
     assert (facts.model, facts.stream, facts.background, facts.max_output_tokens) == (None, False, True, None)
-    assert not meter.facts_from_request(["x"]).json_ok
+    assert not wire.facts_from_request(["x"]).json_ok
 
 
 def test_include_usage_is_added_in_front_leaving_the_client_bytes_alone():
     body = b'  {"model": "gpt-4o",\n "stream": true, "messages": [{"role": "user", "content": "h\xc3\xa9 \\u00e9"}]}'
-    out = meter.with_include_usage(body, json.loads(body))
+    out = wire.with_include_usage(body, json.loads(body))
     assert out == b'  {"stream_options":{"include_usage":true},"model": "gpt-4o",\n "stream": true, ' \
                   b'"messages": [{"role": "user", "content": "h\xc3\xa9 \\u00e9"}]}'
 
@@ -228,7 +228,7 @@ def test_include_usage_is_added_in_front_leaving_the_client_bytes_alone():
 )
 def test_include_usage_is_merged_into_existing_stream_options(options, expected):
     obj = {"model": "gpt-4o", "stream": True, "stream_options": options}
-    out = json.loads(meter.with_include_usage(json.dumps(obj).encode(), obj))
+    out = json.loads(wire.with_include_usage(json.dumps(obj).encode(), obj))
     assert out == {**obj, "stream_options": expected}
     assert obj["stream_options"] == options  # the parsed request is not changed
 
@@ -238,7 +238,7 @@ def test_include_usage_in_other_encodings_is_written_anew(encoding):
     # json.loads reads all of these; only plain UTF-8 takes ASCII inserted as is.
     obj = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "Grüße"}]}
     body = json.dumps(obj, ensure_ascii=False).encode(encoding)
-    out = meter.with_include_usage(body, json.loads(body))
+    out = wire.with_include_usage(body, json.loads(body))
     assert json.loads(out) == {**obj, "stream_options": {"include_usage": True}}
 
 
@@ -248,7 +248,7 @@ def test_include_usage_with_a_lone_surrogate(lone_surrogate, options):
     # Valid for json.loads, not encodable as UTF-8: the body must still go out.
     body = b'{' + options + b'"model": "gpt-4o", "stream": true, "messages": [{"content": "a' + lone_surrogate + b'"}]}'
     obj = json.loads(body)
-    out = meter.with_include_usage(body, obj)
+    out = wire.with_include_usage(body, obj)
     assert json.loads(out) == {**obj, "stream_options": {"include_usage": True}}
 
 
@@ -267,7 +267,7 @@ json_values = st.recursive(
 )
 def test_include_usage_property(obj, indent, ascii_only, lead):
     body = (lead + json.dumps(obj, indent=indent, ensure_ascii=ascii_only)).encode()
-    out = meter.with_include_usage(body, json.loads(body))
+    out = wire.with_include_usage(body, json.loads(body))
     options = obj.get("stream_options")
     expected = {**obj, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
     assert json.loads(out) == expected
@@ -285,20 +285,20 @@ class Headers(dict):
 
 
 def test_credentials():
-    assert meter.credential(Headers({"authorization": "Bearer sk-abc"})) == "sk-abc"
-    assert meter.credential(Headers({"authorization": "bearer  sk-abc "})) == "sk-abc"
-    assert meter.credential(Headers({"api-key": "azurekey"})) == "azurekey"
-    assert meter.credential(Headers({"authorization": "Basic xyz"})) is None
-    assert meter.credential(Headers({})) is None
+    assert wire.credential(Headers({"authorization": "Bearer sk-abc"})) == "sk-abc"
+    assert wire.credential(Headers({"authorization": "bearer  sk-abc "})) == "sk-abc"
+    assert wire.credential(Headers({"api-key": "azurekey"})) == "azurekey"
+    assert wire.credential(Headers({"authorization": "Basic xyz"})) is None
+    assert wire.credential(Headers({})) is None
 
 
 def test_key_id_and_hint_never_reveal_the_key():
     key = "sk-proj-test0123456789abcdefWXYZ"
-    kid = meter.key_id(key)
-    assert len(kid) == 12 and int(kid, 16) >= 0 and kid == meter.key_id(key) and kid != meter.key_id(key + "x")
-    assert meter.key_hint(key) == "sk-…WXYZ"
-    assert meter.key_hint("0123456789abcdef") == "…cdef"
-    assert meter.key_hint("short") == "…"
+    kid = wire.key_id(key)
+    assert len(kid) == 12 and int(kid, 16) >= 0 and kid == wire.key_id(key) and kid != wire.key_id(key + "x")
+    assert wire.key_hint(key) == "sk-…WXYZ"
+    assert wire.key_hint("0123456789abcdef") == "…cdef"
+    assert wire.key_hint("short") == "…"
 
 
 # ---------------------------------------------------------------------------
@@ -443,19 +443,19 @@ def test_responses_stream_usage_from_terminal_event(terminal):
 
 
 def test_stream_error_events():
-    stream = meter.StreamMeter()
+    stream = wire.StreamMeter()
     for event in SSEParser().feed(frame({"choices": [{"delta": {"content": "a"}}], "model": "gpt-4o"})
                                   + frame({"error": {"message": "The server had an error", "type": "server_error"}})):
         stream.observe(event)
     assert stream.error == "server_error: The server had an error" and stream.usage is None
-    stream = meter.StreamMeter()
+    stream = wire.StreamMeter()
     for event in SSEParser().feed(b'event: error\ndata: {"type":"error","code":"server_error","message":"boom"}\n\n'):
         stream.observe(event)
     assert stream.error and "boom" in stream.error
 
 
 def test_streamed_transcription_usage():
-    stream = meter.StreamMeter()
+    stream = wire.StreamMeter()
     events = SSEParser().feed(
         b'data: {"type":"transcript.text.delta","delta":"hel"}\n\n'
         b'data: {"type":"transcript.text.done","text":"hello","usage":{"type":"tokens","input_tokens":14,'
@@ -487,7 +487,7 @@ def test_strip_mode_never_hands_mitmproxy_an_empty_chunk():
 
 
 def test_fast_paths_agree_with_the_general_parser():
-    from addon.sse import parse_event
+    from addon.metering.sse import parse_event
 
     for raw in [b'data: {"a":"\xc3\xa9"}\n\n', b"event: response.completed\ndata: {}\n\n", b"event: x\ndata:y\n\n",
                 b"event:  x\ndata:  y\n\n", b"data: a\ndata: b\n\n", b"\ndata: y\n\n"]:

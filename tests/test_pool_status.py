@@ -23,10 +23,12 @@ from conftest import ROOT
 from test_datasette_helpers import Datasette
 
 from addon import config as config_mod
-from addon import pool_status, store, top
-from addon.datasette_plugin import register_functions
-from addon.limits import Check, Ledger, write_pools
-from addon.windows import iso_utc
+from addon.datasette.plugin import register_functions
+from addon.ledger import pool_status
+from addon.ledger.sqlite_ledger import Check, Ledger, write_pools
+from addon.ledger.windows import iso_utc
+from addon.store import schema
+from addon.tools import top
 
 KEY = "abc123def456"
 CONFIG = f"""
@@ -61,8 +63,8 @@ def add_row(conn, at: datetime, pool: str, tokens: int | None, key: str | None =
 def build(tmp_path: Path, now: datetime) -> tuple[Path, config_mod.Config]:
     path = tmp_path / "usage.db"
     config = config_mod.parse(CONFIG, tmp_path / "config.toml")
-    db = store.connect(path)
-    store.migrate(db)
+    db = schema.connect(path)
+    schema.migrate(db)
     write_pools(db, config, now)
     conn = db.conn
     with conn:
@@ -185,8 +187,8 @@ def test_every_reader_agrees(tmp_path):
 def _at(now: datetime, rows: list[tuple[timedelta, int]], tmp_path: Path, limit: int = 5_000) -> Path:
     path = tmp_path / "forecast.db"
     config = config_mod.parse(f'[pools.p]\nlimit = {limit}\nwindow = "day"\nmodels = ["gpt-4o"]\n')
-    db = store.connect(path)
-    store.migrate(db)
+    db = schema.connect(path)
+    schema.migrate(db)
     write_pools(db, config, now)
     with db.conn:
         db.conn.execute("DELETE FROM requests")
@@ -259,7 +261,7 @@ def test_dashboard_today_by_hour_follows_the_status(tmp_path):
 
 
 def test_forecast_alert_fires_once_when_switched_on(tmp_path):
-    from addon.alerts import AlertEvaluator, ensure_dedupe_index
+    from addon.ledger.alerts import AlertEvaluator, ensure_dedupe_index
 
     now = datetime(2026, 11, 30, 10, tzinfo=timezone.utc)
     path = _at(now, [(timedelta(hours=3), 1_000), (timedelta(minutes=30), 500)], tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from addon import config
-from addon.pools import PoolMatcher, match_score
+from addon.ledger.pools import PoolMatcher, match_score
 
 
 @pytest.fixture(scope="module")

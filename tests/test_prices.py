@@ -12,8 +12,8 @@ import pytest
 from genai_prices import Usage, calc_price
 
 from addon import config as config_mod
-from addon import store
-from addon.prices import Pricer, reprice
+from addon.metering.pricing import Pricer, reprice
+from addon.store import schema
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def test_override_without_cached_price_charges_cached_as_input():
 def test_unknown_model_is_null_and_warned_once(caplog):
     pricer = Pricer()
     rows = [row("no-such-model-xyz", input_tokens=10, output_tokens=5) for _ in range(3)]
-    with caplog.at_level(logging.WARNING, logger="addon.prices"):
+    with caplog.at_level(logging.WARNING, logger="addon.metering.pricing"):
         pricer(rows)
     assert [r["cost_usd"] for r in rows] == [None, None, None]
     warnings = [r for r in caplog.records if "no-such-model-xyz" in r.getMessage()]
@@ -110,13 +110,13 @@ def _write_config(path, text):
 
 def test_reprice_command(tmp_path):
     db_path = tmp_path / "usage.db"
-    db = store.connect(db_path)
-    store.migrate(db)
+    db = schema.connect(db_path)
+    schema.migrate(db)
     db.table("requests").insert_all([
         row("gpt-4o", input_tokens=1_000_000, output_tokens=0, cost_usd=99.0, day="2026-11-22"),
         row("house-model", input_tokens=1_000_000, output_tokens=1_000_000, cost_usd=None, day="2026-11-22"),
         row("gpt-4o", outcome="blocked", cost_usd=None, day="2026-11-22"),
-    ], columns=store.REQUEST_COLUMNS)
+    ], columns=schema.REQUEST_COLUMNS)
     db.conn.close()
     config = _write_config(tmp_path / "config.toml", """
 [pools.all]
@@ -140,9 +140,9 @@ output = 4
 
 
 def test_reprice_reports_unknown(tmp_path):
-    db = store.connect(tmp_path / "usage.db")
-    store.migrate(db)
-    db.table("requests").insert(row("mystery-1", input_tokens=1, output_tokens=1, id=7), columns=store.REQUEST_COLUMNS)
+    db = schema.connect(tmp_path / "usage.db")
+    schema.migrate(db)
+    db.table("requests").insert(row("mystery-1", input_tokens=1, output_tokens=1, id=7), columns=schema.REQUEST_COLUMNS)
     counts = reprice(db, Pricer())
     assert counts == {"rows": 1, "changed": 1, "priced": 0, "unpriced": 1, "free": 0, "no_usage": 0}
     assert db.execute("select cost_status from requests").fetchone() == ("unknown_price",)

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from fake_openai import FakeServer
 
-from addon import reconcile
+from addon.tools import reconcile
 
 ADMIN = "sk-admin-test0123456789"
 CONFIG = """

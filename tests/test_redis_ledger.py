@@ -13,9 +13,9 @@ from conftest import free_port
 from redis_server import RedisServer, require_redis
 
 from addon import config as config_mod
-from addon import store
-from addon.limits import checks_for
-from addon.redis_ledger import RedisLedger
+from addon.ledger.redis_ledger import RedisLedger
+from addon.ledger.sqlite_ledger import checks_for
+from addon.store import schema
 
 CONFIG = """
 timezone = "Europe/Paris"
@@ -180,10 +180,10 @@ def test_restart_without_persistence_rebuilds_counters_from_the_rows(tmp_path, r
     now = datetime.now(timezone.utc)
     ts = now.strftime("%Y-%m-%dT%H:%M:%S.000Z")
     for name, tokens in (("a", 1200), ("b", 900)):
-        db = store.connect(tmp_path / f"{name}.db")
-        store.migrate(db)
+        db = schema.connect(tmp_path / f"{name}.db")
+        schema.migrate(db)
         with db.conn:
-            store.insert_rows(db, [{"ts": ts, "pool": "premium", "total_tokens": tokens, "key_id": "k1"},
+            schema.insert_rows(db, [{"ts": ts, "pool": "premium", "total_tokens": tokens, "key_id": "k1"},
                                    {"ts": ts, "pool": "rolling", "total_tokens": tokens // 3}])
         db.conn.close()
     a, b = ledger(redis_server, tmp_path, config, "a"), ledger(redis_server, tmp_path, config, "b")

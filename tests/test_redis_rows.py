@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, free_port
 from redis_server import RedisServer, require_redis, wait_for
 
-from addon import redis_rows, store
+from addon.store import redis_rows, schema
 
 
 @pytest.fixture
@@ -42,14 +42,14 @@ def count(db, where="1") -> int:
 
 def local_rows(path, n: int, origin_model: str = "gpt-4o-mini") -> None:
     """A proxy database with n committed rows (as the writer leaves them)."""
-    db = store.connect(path)
-    store.migrate(db)
+    db = schema.connect(path)
+    schema.migrate(db)
     rows = [{"ts": "2026-11-30T00:00:00.000Z", "day": "2026-11-30", "host": "api.openai.com", "method": "POST",
              "path": "/v1/chat/completions", "endpoint": "chat.completions", "model": origin_model, "pool": "mini",
              "status": 200, "outcome": "ok", "input_tokens": 10, "output_tokens": i, "total_tokens": 10 + i}
             for i in range(n)]
     with db.conn:
-        store.insert_rows(db, rows)
+        schema.insert_rows(db, rows)
     db.conn.close()
 
 
@@ -106,7 +106,7 @@ def test_collector_killed_mid_batch_inserts_nothing_twice(tmp_path, redis_server
     total = 20_000
     local = tmp_path / "proxy.db"
     local_rows(local, total)
-    db = store.connect(local)
+    db = schema.connect(local)
     client = redis_rows.connect(redis_server.url)
     assert redis_rows.publish_pending(db, client) == total
     # A crash after XADD and before the cursor moved publishes rows again: the uid makes them harmless.
@@ -142,7 +142,7 @@ def test_collector_killed_mid_batch_inserts_nothing_twice(tmp_path, redis_server
 def test_collector_takes_over_entries_a_dead_collector_left(tmp_path, redis_server):
     local = tmp_path / "proxy.db"
     local_rows(local, 50)
-    db = store.connect(local)
+    db = schema.connect(local)
     client = redis_rows.connect(redis_server.url)
     redis_rows.publish_pending(db, client)
     redis_rows.ensure_group(client)

@@ -30,7 +30,8 @@ from conftest import FAKE_KEY, MITMDUMP, ROOT, free_port, start_proxy, wait_port
 from cryptography import x509
 from fake_openai import FakeServer
 
-from addon import bodylog, store
+from addon.proxy import bodylog
+from addon.store import schema
 
 UPSTREAM = "sk-proj-upstreamSHARED0123456789SECRET"
 CHAT = "/v1/chat/completions"
@@ -354,8 +355,8 @@ def test_oversized_fields_secrets_and_file_modes(tmp_path, confdir, fake_server)
                    headers=auth, timeout=30)
         rows = proxy.wait_rows(42)
         assert len(rows) == 42
-        assert max(len(r["model"] or "") for r in rows) <= store.COLUMN_LIMITS["model"]
-        assert max(len(r["service_tier"] or "") for r in rows) <= store.COLUMN_LIMITS["service_tier"]
+        assert max(len(r["model"] or "") for r in rows) <= schema.COLUMN_LIMITS["model"]
+        assert max(len(r["service_tier"] or "") for r in rows) <= schema.COLUMN_LIMITS["service_tier"]
         deadline = time.monotonic() + 10
         while "api-key=[redacted]" not in proxy.log() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -375,7 +376,7 @@ def test_oversized_fields_secrets_and_file_modes(tmp_path, confdir, fake_server)
 
 
 def test_spool_file_is_private(tmp_path):
-    writer = store.Writer(tmp_path / "usage.db")
+    writer = schema.Writer(tmp_path / "usage.db")
     writer.close()  # the thread would import the spool file at once
     writer._spool.append({"ts": "2026-01-01T00:00:00.000Z", "path": "/v1/x"})
     writer._save_spool()  # what a graceful stop does when the database cannot be written
@@ -426,7 +427,7 @@ def test_exposed_proxy_warns_at_start(tmp_path, confdir, listen_host, extra, war
 
 
 def test_exposed_listen_hosts():
-    from addon.exposure import exposed_listen_hosts
+    from addon.proxy.exposure import exposed_listen_hosts
 
     assert exposed_listen_hosts(["regular"], "") == ["0.0.0.0"]
     assert exposed_listen_hosts(["regular"], "127.0.0.1") == []
@@ -440,7 +441,7 @@ def test_compressed_stream_bomb_is_given_up_not_expanded(encoding):
     """An SSE response whose chunk decodes to 40 MB: forwarded untouched, parsing given up at once."""
     import brotli
 
-    from addon.capture import StreamTap
+    from addon.proxy.meter import StreamTap
 
     plain = b"data: " + b"A" * (40 << 20)
     data = zlib.compress(plain, wbits=16 + zlib.MAX_WBITS) if encoding == "gzip" else brotli.compress(plain)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addon.sse import SSEOverflow, SSEParser, parse_event
+from addon.metering.sse import SSEOverflow, SSEParser, parse_event
 
 TERMINATORS = ["\n", "\r\n", "\r"]
 

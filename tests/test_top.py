@@ -12,8 +12,9 @@ from datetime import datetime, timezone
 import pytest
 from conftest import ROOT
 
-from addon import store, top
-from addon.windows import iso_utc
+from addon.ledger.windows import iso_utc
+from addon.store import schema
+from addon.tools import top
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is needed (apt-get install tmux)")
 
@@ -123,8 +124,8 @@ def test_top_live_view_follows_the_proxy(make_proxy, terminal, tmp_path):
 def test_top_never_blocks_the_writer(terminal, tmp_path):
     """With top refreshing, a writer that waits for no lock at all is never refused."""
     db_path = tmp_path / "usage.db"
-    db = store.connect(db_path)
-    store.migrate(db)
+    db = schema.connect(db_path)
+    schema.migrate(db)
     term = terminal([sys.executable, "-m", "addon", "top", "--db", str(db_path), "--interval", "0.2"])
     term.wait_for(lambda s: "no requests yet" in s)
     writer = sqlite3.connect(db_path, timeout=0, isolation_level=None)
@@ -155,8 +156,8 @@ def test_once_and_errors(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "addon", "top", "--db", str(db_path)], cwd=ROOT,
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 1 and "no database" in missing.stderr
-    db = store.connect(db_path)
-    store.migrate(db)
+    db = schema.connect(db_path)
+    schema.migrate(db)
     db.table("requests").insert({"ts": "2020-01-01T00:00:00.000Z", "day": "2020-01-01", "model": "old",
                                  "total_tokens": 5})
     out = subprocess.run([sys.executable, "-m", "addon", "top", "--db", str(db_path), "--once"], cwd=ROOT,

@@ -1,10 +1,10 @@
-"""Unit tests of the pure WebSocket event handling (addon/ws_events.py)."""
+"""Unit tests of the pure WebSocket event handling (addon/metering/ws_events.py)."""
 
 from __future__ import annotations
 
 import json
 
-from addon import ws_events as ws
+from addon.metering import ws_events as ws
 
 
 def frame(obj) -> bytes:

@@ -12,12 +12,13 @@ from zoneinfo import ZoneInfo
 from rich.console import Console
 from rich.table import Table
 
-from . import config as config_mod
-from . import pool_status, store
-from .cli import add_common
-from .limits import record_reset
-from .pool_status import PoolStatus
-from .windows import utc_now
+from addon import config as config_mod
+from addon.ledger import pool_status
+from addon.ledger.pool_status import PoolStatus
+from addon.ledger.sqlite_ledger import record_reset
+from addon.ledger.windows import utc_now
+from addon.store import schema
+from addon.tools.cli import add_common
 
 
 def register(subparsers) -> None:
@@ -49,7 +50,7 @@ def _open(args: argparse.Namespace, *, readonly: bool):
     config = config_mod.load(args.config) if args.config else None
     if not Path(args.db).exists():
         raise FileNotFoundError(f"{args.db}: no such database (start the proxy first, or pass --db)")
-    return store.connect(args.db, readonly=readonly), config
+    return schema.connect(args.db, readonly=readonly), config
 
 
 def status_rows(statuses: list[PoolStatus]) -> list[dict]:

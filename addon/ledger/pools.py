@@ -12,7 +12,7 @@ import fnmatch
 import re
 from functools import lru_cache
 
-from .config import Config
+from addon.config import Config
 
 _SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4}|\d{8})$")
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import sqlite_utils
 
-from . import store
-from .limits import window_phrase
-from .windows import iso_utc
+from addon.ledger.sqlite_ledger import window_phrase
+from addon.ledger.windows import iso_utc
+from addon.store import schema
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class WebhookSender:
                 continue
             if alert.get("_resend"):
                 try:
-                    db = db or store.connect(self.db_path)
+                    db = db or schema.connect(self.db_path)
                     for row in self._undelivered(db):
                         self._queue.put(row)
                 except sqlite3.Error as exc:
@@ -186,7 +186,7 @@ class WebhookSender:
                 continue
             delivered, attempts, error = self._deliver(alert)
             try:
-                db = db or store.connect(self.db_path)
+                db = db or schema.connect(self.db_path)
                 with db.conn:
                     db.conn.execute(
                         "UPDATE alerts SET delivered = ?, attempts = COALESCE(attempts, 0) + ?, last_error = ?"

@@ -36,10 +36,13 @@ from typing import Any
 import sqlite_utils
 from datasette.utils.asgi import Response
 
-from . import config as config_mod
-from . import issued_keys, pool_status, reconcile, store
-from .limits import record_reset
-from .windows import iso_utc, local_midnight, utc_now
+from addon import config as config_mod
+from addon.ledger import pool_status
+from addon.ledger.sqlite_ledger import record_reset
+from addon.ledger.windows import iso_utc, local_midnight, utc_now
+from addon.proxy import issued_keys
+from addon.store import schema
+from addon.tools import reconcile
 
 ADMIN_TOKEN_ENV = "USAGE_ADMIN_TOKEN"
 CONFIG_ENV = "USAGE_CONFIG"  # the proxy's config file (python -m addon run passes it); optional
@@ -236,9 +239,9 @@ async def poll(request, datasette):
     base_url = os.environ.get("OPENAI_ADMIN_BASE_URL", reconcile.DEFAULT_BASE_URL)
 
     def run() -> dict[str, Any]:
-        db = store.connect(path)
+        db = schema.connect(path)
         try:
-            store.migrate(db)
+            schema.migrate(db)
             usage_rows, cost_rows = reconcile.fetch(db, reconcile.Client(key, base_url), days=days, width="1d")
             return {"fetched": {"usage_rows": usage_rows, "cost_rows": cost_rows},
                     "rows": reconcile.compare(db, days=days, width="1d")}
@@ -335,7 +338,7 @@ async def create_key(request, datasette):
 
     def write(conn):
         db = sqlite_utils.Database(conn)
-        store.migrate(db)
+        schema.migrate(db)
         key, row = issued_keys.create(db, label, settings.prefix)
         if note is not None:
             with conn:
@@ -437,7 +440,7 @@ async def self_service(request, datasette):
 
     def write(conn):
         db = sqlite_utils.Database(conn)
-        store.migrate(db)
+        schema.migrate(db)
         # One active key per name: asking again does not hand out a second (an admin revokes the first).
         if any(k.label == label and k.revoked_at is None for k in issued_keys.load_all(conn)):
             return None

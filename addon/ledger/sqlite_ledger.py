@@ -44,12 +44,13 @@ from typing import Any
 
 import sqlite_utils
 
-from . import pool_status, store
-from .config import Config, Pool
-from .estimate import PreviousUsage, estimate
-from .meter import RequestFacts
-from .pool_status import PoolStatus, parse_ts
-from .windows import iso_utc, utc_now
+from addon.config import Config, Pool
+from addon.ledger import pool_status
+from addon.ledger.estimate import PreviousUsage, estimate
+from addon.ledger.pool_status import PoolStatus, parse_ts
+from addon.ledger.windows import iso_utc, utc_now
+from addon.metering.wire import RequestFacts
+from addon.store import schema
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ class Ledger:
     # -- connection ------------------------------------------------------
     @property
     def db(self) -> sqlite_utils.Database:
-        if self._db is not None and store.file_id(self.path) != self._file:
+        if self._db is not None and schema.file_id(self.path) != self._file:
             # Deleted or moved: counting on in the old file would be invisible
             # to every other reader; start over on the file at the path.
             log.warning("usage: database %s was deleted or moved; the ledger reopens it", self.path)
@@ -257,12 +258,12 @@ class Ledger:
             # way); creating it here could pair a new file with the old WAL.
             raise sqlite3.OperationalError(f"database {self.path} is missing")
         if self._db is None:
-            db = store.connect(self.path)
+            db = schema.connect(self.path)
             db.conn.execute(f"PRAGMA busy_timeout = {LEDGER_BUSY_TIMEOUT_MS}")
             db.conn.isolation_level = None  # explicit BEGIN IMMEDIATE / COMMIT
-            store.migrate(db)
+            schema.migrate(db)
             self._db = db
-            self._file = store.file_id(self.path)
+            self._file = schema.file_id(self.path)
         return self._db
 
     def close(self) -> None:

@@ -12,13 +12,13 @@ import sys
 
 # Modules that contribute subcommands, in help order.
 COMMAND_MODULES = [
-    "addon.runner",  # run
-    "addon.status",  # status, reset
-    "addon.prices",  # reprice
-    "addon.top",  # top
-    "addon.reconcile",  # reconcile
-    "addon.issued_keys",  # keys
-    "addon.collect",  # collect
+    "addon.tools.run",  # run
+    "addon.tools.status",  # status, reset
+    "addon.metering.pricing",  # reprice
+    "addon.tools.top",  # top
+    "addon.tools.reconcile",  # reconcile
+    "addon.proxy.issued_keys",  # keys
+    "addon.tools.collect",  # collect
 ]
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # clear message, no traceback, for expected failures
-        from .config import ConfigError
+        from addon.config import ConfigError
 
         if isinstance(exc, (ConfigError, FileNotFoundError, PermissionError, ConnectionError)):
             print(f"error: {exc}", file=sys.stderr)

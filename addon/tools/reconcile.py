@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from . import config as config_mod
-from . import store
-from .pools import PoolMatcher
-from .windows import iso_utc
+from addon import config as config_mod
+from addon.ledger.pools import PoolMatcher
+from addon.ledger.windows import iso_utc
+from addon.store import schema
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,8 @@ def evaluate_alerts(db, config: config_mod.Config, width: str, now: datetime | N
     that do not start at UTC midnight are approximated by the buckets that
     begin inside them.
     """
-    from . import alerts as alerts_mod
-    from .limits import PoolStatus
+    from addon.ledger import alerts as alerts_mod
+    from addon.ledger.sqlite_ledger import PoolStatus
 
     now = now or datetime.now(timezone.utc)
     matcher = PoolMatcher(config)
@@ -314,7 +314,7 @@ def print_table(rows: list[dict[str, Any]], file=None) -> None:
 
 # -- command line --------------------------------------------------------------------
 def register(subparsers) -> None:
-    from . import cli
+    from addon.tools import cli
 
     parser = subparsers.add_parser(
         "reconcile", help="compare OpenAI's Usage/Costs API with what the proxy recorded",
@@ -345,8 +345,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = config_mod.load(args.config)
     client = Client(key, args.base_url)
-    db = store.connect(args.db)
-    store.migrate(db)
+    db = schema.connect(args.db)
+    schema.migrate(db)
     while True:
         try:
             usage, costs = fetch(db, client, days=args.days, width=args.bucket)

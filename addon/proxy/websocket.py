@@ -5,7 +5,7 @@ classified by UsageMeter like any request (its Call carries the key, label,
 project and, for Realtime, the model of the URL); each `response.create` the
 client sends becomes a Call of its own, admitted by Limits exactly like an HTTP
 request before it is forwarded, and recorded through the meter's row builder
-when its terminal event arrives. The pure part is addon/ws_events.py.
+when its terminal event arrives. The pure part is addon/metering/ws_events.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from . import bounded, ws_events
-from . import meter as meter_mod
-from .capture import UPGRADE_CALL, USAGE_ENDPOINTS, Call, UsageMeter
-from .enforce import Limits, Refusal, refusal_error
+from addon.metering import bounded, wire, ws_events
+from addon.proxy.limits import Limits, Refusal, refusal_error
+from addon.proxy.meter import UPGRADE_CALL, USAGE_ENDPOINTS, Call, UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ POLICY_VIOLATION = 1008
 class Socket:
     upgrade: Call
     tracker: ws_events.SocketTracker
-    endpoint: meter_mod.Endpoint
+    endpoint: wire.Endpoint
 
 
 class WebSocketMeter:
@@ -54,7 +53,7 @@ class WebSocketMeter:
         if protocol is None:
             return
         tracker = ws_events.SocketTracker(protocol, upgrade.request.model)
-        self.sockets[flow.id] = Socket(upgrade, tracker, meter_mod.Endpoint(protocol))
+        self.sockets[flow.id] = Socket(upgrade, tracker, wire.Endpoint(protocol))
 
     def websocket_message(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         sock = self.sockets.get(flow.id)
@@ -185,7 +184,7 @@ class WebSocketMeter:
             pending.owner = self._derive(sock, sock.endpoint, pending.request, pending.started)
         return pending.owner
 
-    def _derive(self, sock: Socket, endpoint: meter_mod.Endpoint, facts: meter_mod.RequestFacts,
+    def _derive(self, sock: Socket, endpoint: wire.Endpoint, facts: wire.RequestFacts,
                 started: float) -> Call:
         """A call of the socket: who and where from the upgrade, what from the client event."""
         upgrade = sock.upgrade
@@ -204,9 +203,9 @@ class WebSocketMeter:
                           status=101, ttfb=ttfb, end=pending.ended, headers=sock.upgrade.response_headers)
 
     def _emit_transcription(self, sock: Socket, done: ws_events.Transcription) -> None:
-        facts = meter_mod.RequestFacts(model=done.model, stream=True)
-        call = self._derive(sock, meter_mod.Endpoint("realtime.transcription"), facts, done.at)
-        body = meter_mod.BodyFacts(usage=done.usage)
+        facts = wire.RequestFacts(model=done.model, stream=True)
+        call = self._derive(sock, wire.Endpoint("realtime.transcription"), facts, done.at)
+        body = wire.BodyFacts(usage=done.usage)
         outcome, error = ("ok", None) if done.usage is not None else ("no_usage", "transcription without usage")
         self.meter.record(call, outcome, facts=body, error=error, status=101, ttfb=None, end=done.at,
                           headers=sock.upgrade.response_headers)
@@ -219,7 +218,7 @@ class WebSocketMeter:
             self._emit(sock, pending)
 
 
-def _scan_top_level(content: bytes) -> meter_mod.RequestFacts:
+def _scan_top_level(content: bytes) -> wire.RequestFacts:
     """Request facts of a message too big to parse, from its top-level keys only."""
     found = bounded.top_level_fields(content)
-    return meter_mod.facts_from_request(found[0] if found else None, len(content))
+    return wire.facts_from_request(found[0] if found else None, len(content))

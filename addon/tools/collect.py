@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 
-from . import redis_rows
+from addon.store import redis_rows
 
 
 def register(subparsers) -> None:

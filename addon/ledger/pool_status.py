@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .config import Config
-from .windows import Window, iso_utc
+from addon.config import Config
+from addon.ledger.windows import Window, iso_utc
 
 PACE_PERIOD = timedelta(hours=1)  # exhausted_at: at the pace of the last hour
 
@@ -127,7 +127,7 @@ def scopes_for(conn: sqlite3.Connection, config: Config | None) -> list[Scope]:
         published = published_scopes(conn)
         if published:
             return published
-        from . import config as config_mod
+        from addon import config as config_mod
 
         config = config_mod.load(None)
     return config_scopes(config)

@@ -26,7 +26,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from datasette import hookimpl
 
-from . import http_api, pool_status
+from addon.datasette import http_api
+from addon.ledger import pool_status
 
 ACCESS_LOG_ENV = "USAGE_ACCESS_LOG"  # "0": no line per request (python -m addon run sets it unless --verbose)
 

@@ -22,15 +22,15 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from . import config as config_mod
-from . import meter
-from .bodylog import redact_url
-from .bounded import INLINE_BODY, MAX_DECODED_BODY, BodyReader
-from .decoding import decoder_for
-from .pools import PoolMatcher
-from .sse import SSEOverflow, SSEParser
-from .store import Writer
-from .windows import iso_utc, local_day
+from addon import config as config_mod
+from addon.ledger.pools import PoolMatcher
+from addon.ledger.windows import iso_utc, local_day
+from addon.metering import wire
+from addon.metering.bounded import INLINE_BODY, MAX_DECODED_BODY, BodyReader
+from addon.metering.decoding import decoder_for
+from addon.metering.sse import SSEOverflow, SSEParser
+from addon.proxy.bodylog import redact_url
+from addon.store.schema import Writer
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ class Call:
     host: str
     method: str
     path: str
-    endpoint: meter.Endpoint
-    request: meter.RequestFacts
+    endpoint: wire.Endpoint
+    request: wire.RequestFacts
     key_id: str | None = None
     key_hint: str | None = None
     label: str | None = None
@@ -105,7 +105,7 @@ class StreamTap:
     __slots__ = ("meter", "parser", "decoder", "strip", "broken", "first_byte")
 
     def __init__(self, strip: bool, content_encoding: str | None, max_buffer: int) -> None:
-        self.meter = meter.StreamMeter(strip_usage_chunk=strip)
+        self.meter = wire.StreamMeter(strip_usage_chunk=strip)
         self.parser = SSEParser(max_buffer=max_buffer)
         self.decoder = decoder_for(content_encoding, limit=max_buffer + 1)
         # Events can only be cut out of an uncompressed stream.
@@ -362,7 +362,7 @@ class UsageMeter:
         if call is None or flow.response is None:
             return None
         if flow.response.status_code == 101 and call.transport == "websocket" and not call.blocked:
-            # The upgrade itself is no call: the socket's responses are (addon/websocket.py).
+            # The upgrade itself is no call: the socket's responses are (addon/proxy/websocket.py).
             flow.metadata[UPGRADE_CALL] = call
             return None
         reader = None
@@ -414,23 +414,23 @@ class UsageMeter:
     # -- internals ---------------------------------------------------------
     def _inspect(self, flow: http.HTTPFlow, host: str, headers: dict[str, str], reader: BodyReader | None) -> Call:
         req = flow.request
-        endpoint = meter.classify(req.method, req.path)
+        endpoint = wire.classify(req.method, req.path)
         raw = req.raw_content or b""
         content_type = headers.get("content-type", "").lower()
-        facts = meter.RequestFacts(input_chars=len(raw))
+        facts = wire.RequestFacts(input_chars=len(raw))
         body_obj: Any = None
         if reader is not None:
             if reader.error:
                 log.warning("usage: %s request: %s", redact_url(req.path), reader.error)
             body_obj = reader.fields
-            facts = meter.facts_from_request(body_obj, reader.size)
+            facts = wire.facts_from_request(body_obj, reader.size)
         elif "multipart/form-data" in content_type:
             facts = _scan_multipart(raw)
         websocket = headers.get("upgrade", "").lower() == "websocket"
         if websocket and not facts.model:  # Realtime: the model is in the URL
             facts.model = req.query.get("model") or None
-        key = meter.credential(headers)
-        key_id, key_hint = meter.key_names(key) if key else (None, None)
+        key = wire.credential(headers)
+        key_id, key_hint = wire.key_names(key) if key else (None, None)
         # An addon that rewrites credentials (issued keys) says whose call it is.
         identity = flow.metadata.get("usage_identity")
         call = Call(
@@ -468,7 +468,7 @@ class UsageMeter:
             call.label = rule.label if rule else None
         if (
             facts.stream
-            and endpoint.name in meter.STREAM_OPTIONS_ENDPOINTS
+            and endpoint.name in wire.STREAM_OPTIONS_ENDPOINTS
             and facts.include_usage is not True
             and isinstance(body_obj, dict)
             and reader is not None
@@ -495,7 +495,7 @@ class UsageMeter:
             self._day_cache = (quarter, day)
         return self._day_cache[1]
 
-    def _stream_facts(self, call: Call) -> meter.StreamMeter | None:
+    def _stream_facts(self, call: Call) -> wire.StreamMeter | None:
         return call.stream.meter if call.stream is not None else None
 
     def _finish(self, call: Call, flow: http.HTTPFlow, reader: BodyReader | None = None) -> None:
@@ -531,17 +531,17 @@ class UsageMeter:
             return
         self._emit(call, flow, "ok", facts=body_facts)
 
-    def _body_facts(self, call: Call, response: http.Response, reader: BodyReader | None) -> meter.BodyFacts:
+    def _body_facts(self, call: Call, response: http.Response, reader: BodyReader | None) -> wire.BodyFacts:
         if reader is None:
-            return meter.BodyFacts()
+            return wire.BodyFacts()
         if reader.fields is None:
             if reader.error:
                 log.warning("usage: %s %s response: %s", call.method, redact_url(call.path), reader.error)
-                return meter.BodyFacts(error=f"response {reader.error}")
+                return wire.BodyFacts(error=f"response {reader.error}")
             if response.status_code < 400:
                 log.warning("usage: %s %s answered JSON that does not parse", call.method, call.path)
-            return meter.BodyFacts(error="response is not valid JSON")
-        facts = meter.facts_from_body(reader.fields)
+            return wire.BodyFacts(error="response is not valid JSON")
+        facts = wire.facts_from_body(reader.fields)
         if reader.error:
             facts.error = facts.error or f"response {reader.error}; not fully parsed"
         return facts
@@ -596,7 +596,7 @@ class UsageMeter:
                 pool = self.config.batch_pool
         elif call.method == "GET" and call.endpoint.name in ("chat.completions", "completions"):
             usage = None  # a stored completion read back: counted when it was made
-        if usage is not None and (implausible := meter.implausible_usage(usage)):
+        if usage is not None and (implausible := wire.implausible_usage(usage)):
             # A hostile or broken answer must not move a pool (least of all down).
             log.warning("usage: %s %s answered implausible usage (%s); recorded without usage",
                         call.method, redact_url(call.path), implausible)
@@ -625,7 +625,7 @@ class UsageMeter:
             "label": call.label,
             "project": call.project or headers.get("openai-project"),
             "request_id": headers.get("x-request-id"),
-            "service_tier": meter.billed_service_tier(getattr(facts, "service_tier", None), call.request.service_tier),
+            "service_tier": wire.billed_service_tier(getattr(facts, "service_tier", None), call.request.service_tier),
             "user_agent": call.user_agent,
             "error": error or call.extra.get("body_note"),
             "response_id": response_id,
@@ -633,8 +633,8 @@ class UsageMeter:
             "conversation": call.request.conversation,
         }
         if outcome == "ok":
-            usage = meter.complete_usage(call.endpoint.name, usage, call.request, facts)
-        row["processing"] = processing or meter.processing_of(row["service_tier"])
+            usage = wire.complete_usage(call.endpoint.name, usage, call.request, facts)
+        row["processing"] = processing or wire.processing_of(row["service_tier"])
         if call.request.image_size or call.request.image_quality:
             row["image_size"], row["image_quality"] = call.request.image_size, call.request.image_quality
         if usage is not None:
@@ -722,7 +722,7 @@ def _with_include_usage(reader: BodyReader, body_obj: dict[str, Any]) -> bytes:
     """The request asking for a usage chunk; a scanned (large) body is edited in place."""
     assert reader.data is not None
     if reader.spans is None or "stream_options" not in reader.spans:
-        return meter.with_include_usage(reader.data, body_obj)
+        return wire.with_include_usage(reader.data, body_obj)
     options = body_obj.get("stream_options")
     start, end = reader.spans["stream_options"]
     merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
@@ -732,8 +732,8 @@ def _with_include_usage(reader: BodyReader, body_obj: dict[str, Any]) -> bytes:
 _FORM_FIELD = re.compile(rb'name="(model|stream|size|quality)"\r?\n(?:[^\r\n]+\r?\n)*\r?\n([^\r\n]{0,200})')
 
 
-def _scan_multipart(body: bytes) -> meter.RequestFacts:
-    facts = meter.RequestFacts(input_chars=len(body))
+def _scan_multipart(body: bytes) -> wire.RequestFacts:
+    facts = wire.RequestFacts(input_chars=len(body))
     for name, value in _FORM_FIELD.findall(body[:1_000_000]):
         text = value.decode("utf-8", "replace").strip()
         if name == b"model":

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from .meter import RequestFacts
+from addon.metering.wire import RequestFacts
 
 # Inline images are counted at a flat rate rather than by their base64 size.
 _DATA_URL = re.compile(rb"data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+")

@@ -22,10 +22,9 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from .alerts import AlertEvaluator, WebhookSender, ensure_dedupe_index
-from .capture import Call, UsageMeter
-from .estimate import PreviousUsage, estimate, is_continuation
-from .limits import (
+from addon.ledger.alerts import AlertEvaluator, WebhookSender, ensure_dedupe_index
+from addon.ledger.estimate import PreviousUsage, estimate, is_continuation
+from addon.ledger.sqlite_ledger import (
     HEARTBEAT_INTERVAL,
     Check,
     Decision,
@@ -35,7 +34,8 @@ from .limits import (
     refusal_message,
     seconds_until,
 )
-from .meter import RequestFacts
+from addon.metering.wire import RequestFacts
+from addon.proxy.meter import Call, UsageMeter
 
 log = logging.getLogger(__name__)
 

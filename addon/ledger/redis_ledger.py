@@ -44,10 +44,10 @@ from typing import Any
 
 import redis
 
-from . import redis_rows, store
-from .config import Config, Pool
-from .limits import RESERVATION_TTL, Check, Decision, PoolStatus, write_pools
-from .windows import iso_utc, utc_now
+from addon.config import Config, Pool
+from addon.ledger.sqlite_ledger import RESERVATION_TTL, Check, Decision, PoolStatus, write_pools
+from addon.ledger.windows import iso_utc, utc_now
+from addon.store import redis_rows, schema
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class RedisLedger:
         self._rebuild = self.client.register_script(_REBUILD)
         self._touch = self.client.register_script(_TOUCH)
         self._contributed: str | None = None  # the Redis epoch this database's rows were added to
-        self._db: store.sqlite_utils.Database | None = None
+        self._db: schema.sqlite_utils.Database | None = None
         # Settlements and releases on their way to Redis: (reservation id or "", tokens, scopes).
         self._ops: queue.Queue[tuple[str, int, list[tuple[str, str | None]]] | None] = queue.Queue()
         self._ops_failing = False
@@ -272,10 +272,10 @@ class RedisLedger:
 
     # -- local database (pools for Datasette, alerts, rebuild) -----------
     @property
-    def db(self) -> store.sqlite_utils.Database:
+    def db(self) -> schema.sqlite_utils.Database:
         if self._db is None:
-            db = store.connect(self.path)
-            store.migrate(db)
+            db = schema.connect(self.path)
+            schema.migrate(db)
             self._db = db
         return self._db
 

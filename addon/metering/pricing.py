@@ -33,9 +33,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from . import config as config_mod
-from . import price_table
-from .pools import match_score
+from addon import config as config_mod
+from addon.ledger.pools import match_score
+from addon.metering import price_table
 
 log = logging.getLogger(__name__)
 
@@ -472,13 +472,13 @@ def reprice(db, pricer: Pricer, *, batch: int = 2000) -> dict[str, int]:
 
 
 def _cmd_reprice(args: argparse.Namespace) -> int:
-    from . import store
+    from addon.store import schema
 
     config = config_mod.load(args.config)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    db = store.connect(args.db)
+    db = schema.connect(args.db)
     try:
-        store.migrate(db)
+        schema.migrate(db)
         counts = reprice(db, Pricer.from_config(config))
     finally:
         db.conn.close()
@@ -491,7 +491,7 @@ def _cmd_reprice(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from .cli import add_common
+    from addon.tools.cli import add_common
 
     parser = subparsers.add_parser(
         "reprice",

@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = Path(__file__).with_name("usage.py")
+PACKAGE = Path(__file__).resolve().parent.parent
+ROOT = PACKAGE.parent
+SCRIPT = PACKAGE / "usage.py"
 METADATA = ROOT / "datasette-metadata.json"
 DB_NAME = "usage"  # the database name the metadata (canned queries, dashboard) is written for
 STOP_TIMEOUT = 15.0
@@ -33,15 +34,15 @@ def _bin(name: str) -> str:
 
 def prepare_database(db_path: Path, config_path: str | None) -> None:
     """Validate the config, create the tables and publish the pools before anything reads them."""
-    from . import config as config_mod
-    from . import store
+    from addon import config as config_mod
+    from addon.store import schema
 
     config = config_mod.load(config_path)  # a bad config stops here, before anything starts
-    db = store.connect(db_path)
+    db = schema.connect(db_path)
     try:
-        store.migrate(db)
+        schema.migrate(db)
         try:
-            from .limits import write_pools
+            from addon.ledger.sqlite_ledger import write_pools
         except ImportError:
             return
         write_pools(db, config)
@@ -85,8 +86,8 @@ def proxy_command(args: argparse.Namespace) -> list[str]:
 
 def datasette_env(args: argparse.Namespace) -> dict[str, str]:
     """The environment of Datasette: the plugin reads the config and the console setting from it."""
-    from .datasette_plugin import ACCESS_LOG_ENV
-    from .http_api import CONFIG_ENV
+    from addon.datasette.http_api import CONFIG_ENV
+    from addon.datasette.plugin import ACCESS_LOG_ENV
 
     env = dict(os.environ)
     if args.config:
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from .cli import add_common
+    from addon.tools.cli import add_common
 
     parser = subparsers.add_parser(
         "run",

@@ -76,7 +76,7 @@ REQUEST_COLUMNS: dict[str, type] = {
     "processing": str,  # standard | batch | flex | priority | ... as billed
     "reported_total_tokens": int,  # OpenAI's own total_tokens
     "cost_status": str,  # priced | free | unknown_price | no_usage
-    "uid": str,  # unique across proxies: `collect` inserts each row once (addon/redis_rows.py)
+    "uid": str,  # unique across proxies: `collect` inserts each row once (addon/store/redis_rows.py)
     "origin": str,  # the proxy database a collected row came from
     "transport": str,  # http | sse | websocket
     "conversation": str,  # Responses API conversation id the request continued (estimates of the next turn)
@@ -183,7 +183,7 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...] | None, list[tupl
         "id",
         [("pool", "window_start")],
     ),
-    # Per-user keys issued by `python -m addon keys create` (addon/issued_keys.py):
+    # Per-user keys issued by `python -m addon keys create` (addon/proxy/issued_keys.py):
     # only the SHA-256 of the key is kept; key_id is its first 12 hex digits.
     "issued_keys": (
         {"key_hash": str, "key_id": str, "key_hint": str, "label": str, "created_at": str, "revoked_at": str,
@@ -191,7 +191,7 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...] | None, list[tupl
         "key_hash",
         [("label",), ("key_id",)],
     ),
-    # What OpenAI's organization Usage and Costs APIs counted (addon/reconcile.py).
+    # What OpenAI's organization Usage and Costs APIs counted (addon/tools/reconcile.py).
     "openai_usage": (
         {
             "bucket_width": str,  # 1d | 1h
@@ -207,7 +207,7 @@ TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...] | None, list[tupl
         ("bucket_width", "start", "model"),
         [("start",)],
     ),
-    # How far this database's rows have been published to Redis (addon/redis_rows.py).
+    # How far this database's rows have been published to Redis (addon/store/redis_rows.py).
     "redis_outbox": ({"stream": str, "last_id": int, "origin": str}, "stream", []),
     "openai_costs": (
         {"start": str, "end": str, "line_item": str, "amount_usd": float, "currency": str, "fetched_at": str},

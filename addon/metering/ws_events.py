@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import meter
+from addon.metering import wire
 
 # Frames larger than this are forwarded, never parsed.
 MAX_PARSED_FRAME = 4 * 1024 * 1024
@@ -51,7 +51,7 @@ _HEAD_TYPE = re.compile(rb'\{\s*"type"\s*:\s*"([a-z_.]{1,80})"')
 
 def protocol_of(path: str) -> str | None:
     """The WebSocket protocol of an upgraded request path, None for other sockets."""
-    name = meter.classify("GET", path).name
+    name = wire.classify("GET", path).name
     if name == "responses":
         return RESPONSES
     if name == "realtime":
@@ -90,7 +90,7 @@ def parse_event(content: bytes, sniffed: str, wanted: frozenset[str]) -> tuple[s
     parses (None when that is not `wanted`); a frame too big to parse keeps the sniffed type, without object."""
     if len(content) > MAX_PARSED_FRAME:
         return sniffed, _large_terminal(content, sniffed)
-    obj = meter.parse_json(content)
+    obj = wire.parse_json(content)
     if not isinstance(obj, dict):
         return None, None
     kind = obj.get("type")
@@ -125,13 +125,13 @@ class Pending:
     """One response on a socket, from its `response.create` to its terminal event."""
 
     started: float
-    request: meter.RequestFacts
+    request: wire.RequestFacts
     lane: str | None = None  # stream_id (Responses)
     event_id: str | None = None  # the client's event_id (Realtime errors point at it)
     response_id: str | None = None
     first_event: float | None = None
     ended: float | None = None
-    facts: meter.BodyFacts = field(default_factory=meter.BodyFacts)
+    facts: wire.BodyFacts = field(default_factory=wire.BodyFacts)
     outcome: str | None = None  # ok | error | no_usage once finished
     error: str | None = None
     owner: Any = None  # the caller's handle (the row's Call)
@@ -142,16 +142,16 @@ class Transcription:
     """Usage of one Realtime input audio transcription."""
 
     model: str | None
-    usage: meter.Usage | None
+    usage: wire.Usage | None
     item_id: str | None
     at: float
 
 
-def request_facts(obj: dict[str, Any], size: int) -> meter.RequestFacts:
+def request_facts(obj: dict[str, Any], size: int) -> wire.RequestFacts:
     """What a `response.create` asks for. Responses: the fields of POST /v1/responses;
     Realtime: inside `response`."""
     body = obj.get("response") if isinstance(obj.get("response"), dict) else obj
-    facts = meter.facts_from_request(body, size)
+    facts = wire.facts_from_request(body, size)
     if facts.max_output_tokens is None:
         # Realtime's spelling; "inf" means no limit.
         limit = body.get("max_response_output_tokens")
@@ -178,7 +178,7 @@ class SocketTracker:
 
     # -- client ------------------------------------------------------------
     def client_event(self, kind: str, obj: dict[str, Any] | None, size: int, now: float,
-                     scanned: meter.RequestFacts | None = None) -> Pending | None:
+                     scanned: wire.RequestFacts | None = None) -> Pending | None:
         """A client frame: a Pending for `response.create` (not yet tracked: see `sent`), else None.
 
         `scanned`: what a cheap scan found in a frame too big to parse (`obj` is then None)."""
@@ -189,7 +189,7 @@ class SocketTracker:
         if obj is not None:
             facts = request_facts(obj, size)
         else:
-            facts = scanned or meter.RequestFacts(input_chars=size)
+            facts = scanned or wire.RequestFacts(input_chars=size)
             facts.stream = True
         if self.protocol == REALTIME and facts.model is None:
             facts.model = self.model
@@ -218,7 +218,7 @@ class SocketTracker:
             self._session(obj.get("session"))
             return []
         if kind == TRANSCRIPTION_DONE:
-            usage = meter.parse_usage(obj.get("usage"))
+            usage = wire.parse_usage(obj.get("usage"))
             return [Transcription(self.transcription_model, usage, _str(obj.get("item_id")), now)]
         if kind == "error":
             return self._error(obj, now)
@@ -231,7 +231,7 @@ class SocketTracker:
             return []
         if pending.first_event is None:
             pending.first_event = now
-        facts = meter.facts_from_body(obj)
+        facts = wire.facts_from_body(obj)
         pending.facts = _merge(pending.facts, facts)
         if kind in _TERMINAL_RESPONSES or kind == "response.done":
             if pending.facts.error or facts.status == "failed":
@@ -272,7 +272,7 @@ class SocketTracker:
             if self.protocol != REALTIME or not rid:
                 return None
             # Realtime: the server started a response itself (voice activity detection).
-            pending = Pending(started=now, request=meter.RequestFacts(model=self.model, stream=True))
+            pending = Pending(started=now, request=wire.RequestFacts(model=self.model, stream=True))
             self.sent(pending)
         if rid:
             pending.response_id = rid
@@ -281,7 +281,7 @@ class SocketTracker:
 
     def _error(self, obj: dict[str, Any], now: float) -> list[Pending | Transcription]:
         error = obj.get("error") if isinstance(obj.get("error"), dict) else obj
-        text = meter.facts_from_body({"error": error}).error or "error event"
+        text = wire.facts_from_body({"error": error}).error or "error event"
         pending: Pending | None = None
         if self.protocol == REALTIME:
             # Realtime errors name the client event they answer; others are not a response's.
@@ -316,8 +316,8 @@ class SocketTracker:
             self.by_id.pop(pending.response_id, None)
 
 
-def _merge(old: meter.BodyFacts, new: meter.BodyFacts) -> meter.BodyFacts:
-    return meter.BodyFacts(
+def _merge(old: wire.BodyFacts, new: wire.BodyFacts) -> wire.BodyFacts:
+    return wire.BodyFacts(
         usage=new.usage or old.usage,
         model=new.model or old.model,
         response_id=new.response_id or old.response_id,

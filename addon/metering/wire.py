@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any
 
-from .sse import SSEEvent
+from addon.metering.sse import SSEEvent
 
 # ---------------------------------------------------------------------------
 # Endpoints

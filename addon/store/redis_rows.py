@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from . import store
+from addon.store import schema
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def ping(url: str) -> redis.Redis:
 # Publishing (proxy side)
 
 
-def outbox_cursor(db: store.sqlite_utils.Database) -> tuple[int, str]:
+def outbox_cursor(db: schema.sqlite_utils.Database) -> tuple[int, str]:
     """(last published local row id, this database's origin id), creating both on first use."""
     row = db.execute("SELECT last_id, origin FROM redis_outbox WHERE stream = ?", [STREAM]).fetchone()
     if row is not None:
@@ -107,7 +107,7 @@ def entry_for(row: dict[str, Any], origin: str) -> dict[str, str]:
     return {"row": json.dumps(body, separators=(",", ":"))}
 
 
-def publish_pending(db: store.sqlite_utils.Database, client: redis.Redis, *, batch: int = PUBLISH_BATCH,
+def publish_pending(db: schema.sqlite_utils.Database, client: redis.Redis, *, batch: int = PUBLISH_BATCH,
                     maxlen: int = STREAM_MAXLEN) -> int:
     """Publish every row committed since the cursor; return how many were published."""
     last_id, origin = outbox_cursor(db)
@@ -152,15 +152,15 @@ class Publisher:
 
     def _run(self) -> None:
         client: redis.Redis | None = None
-        db: store.sqlite_utils.Database | None = None
+        db: schema.sqlite_utils.Database | None = None
         while True:
             stopping = self._stop.wait(self.interval)
             try:
                 if db is None:
                     if not self.db_path.exists():
                         raise FileNotFoundError(self.db_path)
-                    db = store.connect(self.db_path)
-                    store.migrate(db)
+                    db = schema.connect(self.db_path)
+                    schema.migrate(db)
                 if client is None:
                     client = self._client_factory(self.url)
                 self.published += publish_pending(db, client)
@@ -260,18 +260,18 @@ def rows_of(entries: list[tuple[str, dict[str, str]]], stats: CollectStats) -> l
         if not isinstance(row, dict) or not isinstance(row.get("uid"), str):
             stats.malformed += 1
             continue
-        rows.append({k: v for k, v in row.items() if k in store.REQUEST_COLUMNS and k != "id"})
+        rows.append({k: v for k, v in row.items() if k in schema.REQUEST_COLUMNS and k != "id"})
     return rows
 
 
-def insert_collected(db: store.sqlite_utils.Database, rows: list[dict[str, Any]]) -> int:
+def insert_collected(db: schema.sqlite_utils.Database, rows: list[dict[str, Any]]) -> int:
     """Insert rows in one transaction, ignoring uids already present; return how many were new."""
     if not rows:
         return 0
     before = db.conn.total_changes
     db.conn.execute("BEGIN IMMEDIATE")
     try:
-        db.table("requests").insert_all(rows, ignore=True, columns=store.REQUEST_COLUMNS, alter=False)
+        db.table("requests").insert_all(rows, ignore=True, columns=schema.REQUEST_COLUMNS, alter=False)
         db.conn.commit()
     except BaseException:
         if db.conn.in_transaction:
@@ -293,8 +293,8 @@ def collect(db_path: str | Path, url: str, *, consumer: str | None = None, once:
     client = ping(url)
     ensure_group(client)
     consumer = consumer or socket.gethostname()
-    db = store.connect(db_path)
-    store.migrate(db)
+    db = schema.connect(db_path)
+    schema.migrate(db)
     stats = CollectStats()
     stop = stop or threading.Event()
 

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from . import config as config_mod
-from . import pool_status, store
-from .pool_status import PoolStatus
-from .windows import Window, iso_utc
+from addon import config as config_mod
+from addon.ledger import pool_status
+from addon.ledger.pool_status import PoolStatus
+from addon.ledger.windows import Window, iso_utc
+from addon.store import schema
 
 FULL_REFRESH = 60.0  # seconds between full recounts of the totals
 POLL = 0.25  # seconds between checks for new rows
@@ -117,7 +118,7 @@ class Reader:
 
     def _connect(self) -> sqlite3.Connection:
         if self.conn is None:
-            self.conn = store.connect(self.path, readonly=True).conn
+            self.conn = schema.connect(self.path, readonly=True).conn
             self.conn.isolation_level = None  # we say BEGIN and COMMIT ourselves
         return self.conn
 
@@ -344,7 +345,7 @@ def run_live(reader: Reader, db_name: str, interval: float) -> int:
 
 # -- command line ---------------------------------------------------------------------------
 def register(subparsers) -> None:
-    from . import cli
+    from addon.tools import cli
 
     parser = subparsers.add_parser("top", help="live terminal view of usage, pools and the latest requests",
                                    description="Live view (read-only): totals, pool gauges and the latest requests. "

@@ -25,9 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from . import meter, store
-from .windows import iso_utc
+from addon import config as config_mod
+from addon.ledger.windows import iso_utc
+from addon.metering import wire
+from addon.store import schema
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class IssuedKey:
 # -- database side (CLI and the refresher thread) -------------------------------
 def create(db, label: str, prefix: str) -> tuple[str, IssuedKey]:
     key = new_key(prefix)
-    row = IssuedKey(key_hash(key), meter.key_id(key), meter.key_hint(key), label,
+    row = IssuedKey(key_hash(key), wire.key_id(key), wire.key_hint(key), label,
                     iso_utc(datetime.now(timezone.utc)), None)
     with db.conn:
         db.table("issued_keys").insert(row_dict(row))
@@ -108,7 +109,7 @@ def load_all(conn: sqlite3.Connection) -> list[IssuedKey]:
 
 def revoke(db, which: str) -> list[IssuedKey]:
     """Revoke by key id, label or the key itself; returns the keys revoked."""
-    ids = {which, meter.key_id(which)}
+    ids = {which, wire.key_id(which)}
     now = iso_utc(datetime.now(timezone.utc))
     with db.conn:
         matched = [k for k in load_all(db.conn) if k.revoked_at is None and (k.key_id in ids or k.label == which)]
@@ -143,7 +144,7 @@ class KeyCache:
         while not self._stop.is_set():
             try:
                 if conn is None:
-                    conn = store.connect(self.path).conn
+                    conn = schema.connect(self.path).conn
                     version = None
                 # data_version changes whenever another connection commits.
                 current = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -221,7 +222,7 @@ class IssuedKeys:
         if self.meter is not None and self.meter.metered_destination(flow) is None:
             return
         headers = flow.request.headers
-        key = meter.credential(headers)
+        key = wire.credential(headers)
         prefix = self.settings.prefix
         if not key or not key.startswith(prefix):
             if self.settings.require:
@@ -229,7 +230,7 @@ class IssuedKeys:
             return
         issued = self.cache.get(key)
         if issued is None:
-            hint = meter.key_hint(key)
+            hint = wire.key_hint(key)
             self._refuse(flow, key, None, f"Incorrect API key provided: {hint}. This issued key is unknown.")
             return
         identity = {"key_id": issued.key_id, "key_hint": issued.key_hint, "label": issued.label}
@@ -248,7 +249,7 @@ class IssuedKeys:
         from mitmproxy import http
 
         if identity is None and key:
-            identity = {"key_id": meter.key_id(key), "key_hint": meter.key_hint(key), "label": None}
+            identity = {"key_id": wire.key_id(key), "key_hint": wire.key_hint(key), "label": None}
         if identity is not None:
             flow.metadata["usage_identity"] = identity
         body, extra = error_401(message)
@@ -260,7 +261,7 @@ class IssuedKeys:
 
 # -- command line ------------------------------------------------------------------
 def register(subparsers) -> None:
-    from . import cli
+    from addon.tools import cli
 
     parser = subparsers.add_parser("keys", help="issue, list and revoke per-user keys",
                                    description="Per-user keys: the proxy forwards them with the shared upstream key.")
@@ -282,8 +283,8 @@ def register(subparsers) -> None:
 
 
 def _open(path: str):
-    db = store.connect(path)
-    store.migrate(db)
+    db = schema.connect(path)
+    schema.migrate(db)
     return db
 
 

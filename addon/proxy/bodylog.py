@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .bounded import MAX_DECODED_BODY, UnknownEncoding, decoded_pieces
-from .store import open_private
+from addon.metering.bounded import MAX_DECODED_BODY, UnknownEncoding, decoded_pieces
+from addon.store.schema import open_private
 
 log = logging.getLogger(__name__)
 

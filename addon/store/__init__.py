@@ -1,0 +1,1 @@
+"""The SQLite database: schema, migrations, the background writer, the Redis row stream."""
