@@ -11,15 +11,15 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from addon.metering.pricing import Pricing  # noqa: E402
 from addon.proxy.bodylog import BodyLog  # noqa: E402
 from addon.proxy.exposure import ExposureWarning  # noqa: E402
 from addon.proxy.intercept import InterceptOnlyMetered  # noqa: E402
 from addon.proxy.issued_keys import IssuedKeys  # noqa: E402
 from addon.proxy.limits import Limits  # noqa: E402
 from addon.proxy.meter import UsageMeter  # noqa: E402
+from addon.proxy.pricing import Pricing  # noqa: E402
+from addon.proxy.redis_rows import RedisRows  # noqa: E402
 from addon.proxy.websocket import WebSocketMeter  # noqa: E402
-from addon.store.redis_rows import RedisRows  # noqa: E402
 
 meter = UsageMeter()
 limits = Limits(meter)

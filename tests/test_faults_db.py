@@ -26,7 +26,8 @@ from conftest import FAKE_KEY, ROOT, free_port, wait_port
 
 sys.path.insert(0, str(ROOT))
 
-from addon.store.schema import Writer, connect, migrate  # noqa: E402
+from addon.store.schema import connect, migrate  # noqa: E402
+from addon.store.writer import Writer  # noqa: E402
 
 # Limits fail closed by default when usage cannot be read; these tests are
 # about the recording side, so they admit (see test_fail_policy for both).

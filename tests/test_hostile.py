@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from addon.metering import wire
 from addon.metering.sse import SSEEvent, SSEOverflow, SSEParser
-from addon.proxy.meter import StreamTap
+from addon.metering.stream_tap import StreamTap
 
 CHAT = "/v1/chat/completions"
 AUTH = {"authorization": f"Bearer {FAKE_KEY}"}

@@ -13,8 +13,7 @@ import pytest
 from conftest import ROOT, start_proxy
 
 from addon.metering import wire
-from addon.proxy import issued_keys
-from addon.store import schema
+from addon.store import issued_keys, schema
 
 UPSTREAM = "sk-proj-upstreamSHARED0123456789abcd"
 

@@ -21,6 +21,7 @@ from addon.ledger.sqlite_ledger import (
 )
 from addon.ledger.windows import Window, iso_utc
 from addon.store import schema
+from addon.store.writer import Writer
 
 UTC = timezone.utc
 PARIS = ZoneInfo("Europe/Paris")
@@ -469,7 +470,7 @@ def test_writer_keeps_reservations_of_rows_it_has_to_clean(setup, tmp_path):
     and its estimate still leaves the lease."""
     config, db, clock, ledger = setup
     first = ledger.admit(checks_for(config, "big", None, None), 1000)
-    writer = schema.Writer(ledger.path)
+    writer = Writer(ledger.path)
     try:
         writer.put({"ts": iso_utc(clock.now), "pool": "big", "total_tokens": 10, "outcome": "ok",
                     "user_agent": "bad \udcff agent", "_reservation": (first.reservation, 1000, first.owner)})
@@ -494,7 +495,7 @@ def test_rows_the_writer_drops_give_their_estimate_back(setup, tmp_path):
             ledger.give_back(*row["_reservation"])
 
     # A directory that does not exist: rows wait in a spool of 2; the rest are dropped.
-    writer = schema.Writer(tmp_path / "missing" / "usage.db", spool_limit=2, on_drop=give_back)
+    writer = Writer(tmp_path / "missing" / "usage.db", spool_limit=2, on_drop=give_back)
     try:
         for decision in [first, *local]:
             writer.put({"ts": iso_utc(clock.now), "pool": "big", "total_tokens": 10, "outcome": "ok",

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from addon.metering import wire
 from addon.metering.sse import SSEParser
-from addon.proxy.meter import StreamTap
+from addon.metering.stream_tap import StreamTap
 
 # ---------------------------------------------------------------------------
 # Endpoints

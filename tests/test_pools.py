@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from addon import config
-from addon.ledger.pools import PoolMatcher, match_score
+from addon.metering.pools import PoolMatcher, match_score
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ import pytest
 from genai_prices import Usage, calc_price
 
 from addon import config as config_mod
-from addon.metering.pricing import Pricer, reprice
+from addon.metering.pricing import Pricer
 from addon.store import schema
+from addon.tools.reprice import reprice
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 

@@ -40,6 +40,14 @@ def count(db, where="1") -> int:
         conn.close()
 
 
+def count_if_created(db) -> int:
+    """Rows so far; 0 while the collector has not created the file or its table yet."""
+    try:
+        return count(db) if db.exists() else 0
+    except sqlite3.OperationalError:
+        return 0
+
+
 def local_rows(path, n: int, origin_model: str = "gpt-4o-mini") -> None:
     """A proxy database with n committed rows (as the writer leaves them)."""
     db = schema.connect(path)
@@ -118,10 +126,7 @@ def test_collector_killed_mid_batch_inserts_nothing_twice(tmp_path, redis_server
     proc = subprocess.Popen([sys.executable, "-m", "addon", "collect", "--redis", redis_server.url,
                              "--db", str(central), "--consumer", "c1"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert wait_for(lambda: central.exists() and count(central) > 0, timeout=60)
-    except sqlite3.OperationalError:
-        pass
+    assert wait_for(lambda: count_if_created(central) > 0, timeout=60)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = count(central)

@@ -32,6 +32,7 @@ from fake_openai import FakeServer
 
 from addon.proxy import bodylog
 from addon.store import schema
+from addon.store.writer import Writer
 
 UPSTREAM = "sk-proj-upstreamSHARED0123456789SECRET"
 CHAT = "/v1/chat/completions"
@@ -376,7 +377,7 @@ def test_oversized_fields_secrets_and_file_modes(tmp_path, confdir, fake_server)
 
 
 def test_spool_file_is_private(tmp_path):
-    writer = schema.Writer(tmp_path / "usage.db")
+    writer = Writer(tmp_path / "usage.db")
     writer.close()  # the thread would import the spool file at once
     writer._spool.append({"ts": "2026-01-01T00:00:00.000Z", "path": "/v1/x"})
     writer._save_spool()  # what a graceful stop does when the database cannot be written
@@ -441,7 +442,7 @@ def test_compressed_stream_bomb_is_given_up_not_expanded(encoding):
     """An SSE response whose chunk decodes to 40 MB: forwarded untouched, parsing given up at once."""
     import brotli
 
-    from addon.proxy.meter import StreamTap
+    from addon.metering.stream_tap import StreamTap
 
     plain = b"data: " + b"A" * (40 << 20)
     data = zlib.compress(plain, wbits=16 + zlib.MAX_WBITS) if encoding == "gzip" else brotli.compress(plain)

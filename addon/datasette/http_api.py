@@ -40,8 +40,7 @@ from addon import config as config_mod
 from addon.ledger import pool_status
 from addon.ledger.sqlite_ledger import record_reset
 from addon.ledger.windows import iso_utc, local_midnight, utc_now
-from addon.proxy import issued_keys
-from addon.store import schema
+from addon.store import issued_keys, schema
 from addon.tools import reconcile
 
 ADMIN_TOKEN_ENV = "USAGE_ADMIN_TOKEN"

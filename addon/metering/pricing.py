@@ -18,13 +18,12 @@ When a component the row used has no rate, `cost_usd` is NULL and
 never touch the event loop: rates are resolved once per model, tier and UTC
 day, then each row is a few multiplications. An error pricing one row is
 logged and leaves that row unpriced; it never disables a model.
-`python -m addon reprice` recomputes every row with the current rules.
+`python -m addon reprice` (tools/reprice.py) recomputes every row with the current rules;
+the addon that installs a Pricer on the meter is proxy/pricing.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
 import logging
 import threading
@@ -34,8 +33,8 @@ from decimal import Decimal
 from typing import Any
 
 from addon import config as config_mod
-from addon.ledger.pools import match_score
 from addon.metering import price_table
+from addon.metering.pools import match_score
 
 log = logging.getLogger(__name__)
 
@@ -405,100 +404,3 @@ def _clause_names(clause: Any) -> list[str]:
         if hasattr(clause, attr):
             return [n for sub in getattr(clause, attr) for n in _clause_names(sub)]
     return []
-
-
-class Pricing:
-    """mitmproxy addon: installs a Pricer on the meter, rebuilt when the config changes."""
-
-    def __init__(self, meter: Any) -> None:
-        self.meter = meter
-
-    def configure(self, updated: set[str]) -> None:
-        # The meter's own configure ran first (it comes earlier in `addons`).
-        if "usage_config" in updated or self.meter.prepare_rows is None:
-            first = self.meter.prepare_rows is None
-            self.meter.prepare_rows = Pricer.from_config(self.meter.config)
-            if self.meter.config is not None and self.meter.config.prices:
-                for message in shadowed_snapshots(self.meter.config.prices):
-                    log.warning(message)
-            if first:
-                # Loading the price data takes ~0.5 s: do it now, off the event loop,
-                # rather than delay the writer's first batch.
-                threading.Thread(target=_warm_up, name="usage-prices-warmup", daemon=True).start()
-
-
-def _warm_up() -> None:
-    try:
-        Pricer().cost({"model": "gpt-4o", "input_tokens": 1, "output_tokens": 1})
-    except Exception:  # only a warm-up; real rows report their own problems
-        log.debug("usage: price data warm-up failed", exc_info=True)
-    # The price catalogue and the modules loaded so far live as long as the
-    # process: out of the garbage collector's way, a full collection no
-    # longer scans them (100+ ms pauses of the event loop under load).
-    gc.freeze()
-
-
-# -- python -m addon reprice ---------------------------------------------------
-
-PRICE_COLUMNS = ("id", "ts", "model", "outcome", "endpoint", "input_tokens", "cached_tokens", "output_tokens",
-                 "reasoning_tokens", "audio_seconds", "service_tier", "processing", "audio_input_tokens",
-                 "audio_output_tokens", "image_input_tokens", "image_output_tokens", "cache_write_tokens",
-                 "cached_audio_tokens", "tool_calls", "characters", "images", "image_size", "image_quality",
-                 "cost_usd", "cost_status")
-
-
-def reprice(db, pricer: Pricer, *, batch: int = 2000) -> dict[str, int]:
-    """Recompute cost_usd and cost_status of every row; returns counts per outcome."""
-    counts = {"rows": 0, "changed": 0, "priced": 0, "unpriced": 0, "free": 0, "no_usage": 0}
-    last_id = 0
-    columns = ", ".join(f'"{c}"' for c in PRICE_COLUMNS)
-    while True:
-        rows = [dict(zip(PRICE_COLUMNS, r, strict=True)) for r in db.execute(
-            f"select {columns} from requests where id > ? order by id limit ?", [last_id, batch]).fetchall()]
-        if not rows:
-            return counts
-        last_id = rows[-1]["id"]
-        updates = []
-        for row in rows:
-            counts["rows"] += 1
-            cost, status = pricer.quote(row)
-            counts["unpriced" if status == "unknown_price" else status] += 1
-            if cost != row["cost_usd"] or status != row["cost_status"]:
-                updates.append((cost, status, row["id"]))
-        if updates:
-            with db.conn:
-                db.conn.executemany("update requests set cost_usd = ?, cost_status = ? where id = ?", updates)
-            counts["changed"] += len(updates)
-
-
-def _cmd_reprice(args: argparse.Namespace) -> int:
-    from addon.store import schema
-
-    config = config_mod.load(args.config)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    db = schema.connect(args.db)
-    try:
-        schema.migrate(db)
-        counts = reprice(db, Pricer.from_config(config))
-    finally:
-        db.conn.close()
-    print(
-        f"repriced {counts['rows']} rows in {args.db}: {counts['changed']} changed, "
-        f"{counts['priced']} priced, {counts['free']} free, {counts['no_usage']} without usage, "
-        f"{counts['unpriced']} with usage but no known price (cost_usd NULL)"
-    )
-    return 0
-
-
-def register(subparsers) -> None:
-    from addon.tools.cli import add_common
-
-    parser = subparsers.add_parser(
-        "reprice",
-        help="recompute cost_usd of every recorded call",
-        description="Recompute cost_usd and cost_status of every row in `requests` from the bundled genai-prices "
-        "data, the package's price table and the config's [prices] overrides, e.g. after changing an override or "
-        "upgrading genai-prices.",
-    )
-    add_common(parser)
-    parser.set_defaults(func=_cmd_reprice)

@@ -14,10 +14,10 @@ import sys
 COMMAND_MODULES = [
     "addon.tools.run",  # run
     "addon.tools.status",  # status, reset
-    "addon.metering.pricing",  # reprice
+    "addon.tools.reprice",  # reprice
     "addon.tools.top",  # top
     "addon.tools.reconcile",  # reconcile
-    "addon.proxy.issued_keys",  # keys
+    "addon.tools.keys",  # keys
     "addon.tools.collect",  # collect
 ]
 

@@ -29,8 +29,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from addon import config as config_mod
-from addon.ledger.pools import PoolMatcher
 from addon.ledger.windows import iso_utc
+from addon.metering.pools import PoolMatcher
 from addon.store import schema
 
 log = logging.getLogger(__name__)
