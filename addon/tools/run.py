@@ -18,11 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent
-ROOT = PACKAGE.parent
-SCRIPT = PACKAGE / "usage.py"
-METADATA = ROOT / "datasette-metadata.json"
-DB_NAME = "usage"  # the database name the metadata (canned queries, dashboard) is written for
+from addon.datasette import metadata
+
+SCRIPT = Path(__file__).resolve().parent.parent / "usage.py"
 STOP_TIMEOUT = 15.0
 
 
@@ -51,20 +49,9 @@ def prepare_database(db_path: Path, config_path: str | None) -> None:
 
 
 def metadata_for(db_path: Path, directory: Path) -> Path:
-    """The metadata file for this database: as is for usage.db, renamed for any other file name."""
-    name = db_path.stem
-    if name == DB_NAME:
-        return METADATA
-    text = METADATA.read_text(encoding="utf-8")
-    data = json.loads(text)
-    data["databases"] = {name: data["databases"][DB_NAME]}
-    for dashboard in data.get("plugins", {}).get("datasette-dashboards", {}).values():
-        for item in [*dashboard.get("charts", {}).values(), *dashboard.get("filters", {}).values()]:
-            if item.get("db") == DB_NAME:
-                item["db"] = name
-    data["description_html"] = data.get("description_html", "").replace(f"/{DB_NAME}/", f"/{name}/")
+    """The metadata for this database, built by the package (nothing read from a checkout), in DIRECTORY."""
     path = directory / "datasette-metadata.json"
-    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    path.write_text(json.dumps(metadata.for_database(db_path.stem), indent=2), encoding="utf-8")
     return path
 
 
