@@ -45,11 +45,11 @@ from typing import Any
 
 import redis
 
-from . import redis_rows, store
+from . import pool_status, redis_rows, store
 from .config import Config, Pool
 from .estimate import PreviousUsage
-from .limits import RESERVATION_TTL, Check, Decision, PoolStatus, write_pools
-from .windows import iso_utc, utc_now
+from .limits import RESERVATION_TTL, Check, Decision, PoolStatus, record_reset, write_pools
+from .windows import Window, iso_utc, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -232,19 +232,20 @@ def scope_key(key_id: str | None) -> str:
     return key_id or ""
 
 
-def window_spec(pool: Pool, tz, now: datetime) -> tuple[int, str]:
+def window_spec(pool: Pool | Window, tz, now: datetime) -> tuple[int, str]:
     """(rolling seconds, "start,end;..." of the windows around `now`) in epoch seconds.
 
     Calendar windows: the previous, current and next one by this host's clock;
     the script picks the one containing Redis's clock, so skews of less than a
     window agree.
     """
-    if pool.window.is_rolling:
-        return int((pool.window.rolling_hours or 0) * 3600), ""
+    window = pool.window if isinstance(pool, Pool) else pool
+    if window.is_rolling:
+        return int((window.rolling_hours or 0) * 3600), ""
     bounds = []
-    start, end = pool.window.bounds(now, tz)
-    previous = pool.window.bounds(start - timedelta(seconds=1), tz)
-    following = pool.window.bounds(end + timedelta(seconds=1), tz)
+    start, end = window.bounds(now, tz)
+    previous = window.bounds(start - timedelta(seconds=1), tz)
+    following = window.bounds(end + timedelta(seconds=1), tz)
     for s, e in (previous, (start, end), following):
         bounds.append(f"{int(s.timestamp())},{int(e.timestamp())}")
     return 0, ";".join(bounds)
@@ -277,7 +278,6 @@ class RedisLedger:
         self._live_lock = threading.Lock()
         self._admit = self.client.register_script(_ADMIT)
         self._settle = self.client.register_script(_SETTLE)
-        self._status = self.client.register_script(_STATUS)
         self._rebuild = self.client.register_script(_REBUILD)
         self._touch = self.client.register_script(_TOUCH)
         self._contributed: str | None = None  # the Redis epoch this database's rows were added to
@@ -521,33 +521,11 @@ class RedisLedger:
 
     def add_reset(self, pool: str, key_id: str | None = None, note: str | None = None) -> str:
         """Usage so far no longer counts: new counters for the pool (or key), for every proxy."""
-        name = f"{PREFIX}gen:{pool}" + (f":{key_id}" if key_id else "")
-        self.client.incr(name)
-        stamp = self.clock()
-        with self.db.conn:
-            self.db.execute("INSERT INTO resets (ts, pool, key_id, note) VALUES (?, ?, ?, ?)",
-                            [iso_utc(stamp), pool, key_id, note])
-        return iso_utc(stamp)
+        reset_shared(self.client, pool, key_id)
+        return record_reset(self.db.conn, pool, key_id, note, self.clock())
 
     def status(self, forecast: bool = True) -> list[PoolStatus]:
-        now = self.clock()
-        scopes: list[tuple[Pool, str | None, int | None, str | None]] = []
-        for pool in self.config.pools.values():
-            scopes.append((pool, None, pool.limit, None))
-            for rule in self.config.keys.values():
-                if pool.name in rule.limits:
-                    scopes.append((pool, rule.key_id, rule.limits[pool.name], rule.label))
-        args: list[Any] = [len(scopes)]
-        for pool, key_id, _, _ in scopes:
-            rolling, wins = window_spec(pool, self.config.timezone, now)
-            args += [pool.name, scope_key(key_id), rolling, wins]
-        out = self._status(args=args)
-        result = []
-        for i, (pool, key_id, limit, label) in enumerate(scopes):
-            used, reserved, start, end = out[i * 4: i * 4 + 4]
-            result.append(PoolStatus(pool.name, key_id, label, pool.window.kind, limit, int(used), int(reserved),
-                                     _epoch_time(start), None if pool.window.is_rolling else _epoch_time(end)))
-        return result
+        return shared_statuses(self.client, pool_status.config_scopes(self.config), self.clock())
 
     # -- markers shared by every proxy -----------------------------------
     def claim_alert(self, dedupe: str) -> bool:
@@ -606,3 +584,25 @@ class RedisLedger:
                     yield [pool.name, key_id, rolling, wins, int(tokens), ""]
             if total:
                 yield [pool.name, "", rolling, wins, total, ""]
+
+
+def reset_shared(client: redis.Redis, pool: str, key_id: str | None = None) -> None:
+    """A reset in Redis: the pool's (or key's) counters start anew for every proxy."""
+    client.incr(f"{PREFIX}gen:{pool}" + (f":{key_id}" if key_id else ""))
+
+
+def shared_statuses(client: redis.Redis, scopes: list[pool_status.Scope], now: datetime) -> list[PoolStatus]:
+    """Every scope's used and reserved as Redis counts them (windows by Redis's clock; one script)."""
+    args: list[Any] = [len(scopes)]
+    for scope in scopes:
+        rolling, wins = window_spec(scope.window, scope.tz, now)
+        args += [scope.pool, scope_key(scope.key_id), rolling, wins]
+    out = client.register_script(_STATUS)(args=args)
+    result = []
+    for i, scope in enumerate(scopes):
+        used, reserved, start, end = out[i * 4: i * 4 + 4]
+        rolling = scope.window.is_rolling
+        result.append(PoolStatus(scope.pool, scope.key_id, scope.label, scope.window.kind, scope.limit, int(used),
+                                 int(reserved), _epoch_time(start), None if rolling else _epoch_time(end),
+                                 timezone=scope.tz.key))
+    return result

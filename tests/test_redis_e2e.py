@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 
 import openai
 import pytest
@@ -129,3 +130,34 @@ def test_limit_holds_while_requests_run_on_several_hosts(make_proxy, tmp_path, r
     used = sum(premium_used(p.db) for p in proxies)
     size = max(r["total_tokens"] for p in proxies for r in p.rows("outcome = 'ok'"))
     assert used <= limit + size
+
+
+def test_status_and_reset_through_redis(make_proxy, tmp_path, redis_server):
+    """`status --redis` shows what every host used; `reset --redis` lets every host admit again."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    limit = 1000
+    config = write_config(tmp_path, limit)
+    proxies = [make_proxy(db=tmp_path / f"host{i}.db", options={"usage_config": config,
+                                                                  "usage_redis": redis_server.url})
+               for i in range(2)]
+    with pytest.raises(openai.RateLimitError):
+        for i in range(40):
+            ask(proxies[i % 2].client(max_retries=0))
+    assert wait_for(lambda: sum(len(p.rows("outcome = 'blocked'")) for p in proxies) >= 1)
+    time.sleep(0.3)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "addon", *args, "--db", str(proxies[0].db),
+                               "--redis", redis_server.url], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    shown = {r["pool"]: r for r in json.loads(cli("status", "--json").stdout) if r["key_id"] is None}
+    assert shown["premium"]["used"] == sum(premium_used(p.db) for p in proxies)
+    assert shown["premium"]["limit"] == limit
+    done = cli("reset", "premium", "--note", "test")
+    assert done.returncode == 0, done.stderr
+    assert ask(proxies[1].client(max_retries=0)).usage.total_tokens > 0
