@@ -86,9 +86,7 @@ def proxy_command(args: argparse.Namespace) -> list[str]:
 def datasette_env(args: argparse.Namespace) -> dict[str, str]:
     """The environment of Datasette: the plugin reads the config and the console setting from it."""
     from .datasette_plugin import ACCESS_LOG_ENV
-    from .http_api import CONFIG_ENV
-
-    from .http_api import REDIS_ENV
+    from .http_api import CONFIG_ENV, REDIS_ENV
 
     env = dict(os.environ)
     if args.config:
