@@ -40,6 +40,7 @@ test: install codex
 # then the soak run (bench/soak.py) when present.
 bench: install
 	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) bench/redis_scenario.py $(REDIS_BENCH_ARGS)
 	@if [ -f bench/soak.py ]; then $(PY) bench/soak.py $(SOAK_ARGS); fi
 
 lint: install

@@ -55,6 +55,10 @@ def checks(config, pool="premium", key=None):
     return checks_for(config, pool, key, None)
 
 
+def row(pool, key_id, tokens, **more):
+    return {"pool": pool, "key_id": key_id, "total_tokens": tokens, **more}
+
+
 def status_of(led, pool="premium", key=None):
     return next(s for s in led.status() if s.pool == pool and s.key_id == key)
 
@@ -77,7 +81,7 @@ def test_three_hosts_24_clients_one_pool(tmp_path, redis_server, config):
                 outcomes.append(decision.admitted)
             if decision.admitted:
                 time.sleep(rng.random() * 0.01)
-                led.count(decision.owner, "premium", None, actual)
+                led.record(row("premium", None, actual), decision.owner)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(24)]
     for t in threads:
@@ -107,7 +111,7 @@ def test_key_limit_and_refusal_numbers(tmp_path, redis_server, config):
     refused = led.admit(checks(config, key="k1"), 200)
     assert not refused.admitted and refused.check.key_id == "k1"
     assert (refused.used, refused.reserved, refused.estimate) == (0, 400, 200)
-    led.count(first.owner, "premium", "k1", 300)
+    led.record(row("premium", "k1", 300), first.owner)
     led.flush()
     assert (status_of(led, key="k1").used, status_of(led, key="k1").reserved) == (300, 0)
     assert status_of(led).used == 300  # the key's tokens are the pool's too
@@ -121,7 +125,7 @@ def test_skewed_clocks_count_into_the_same_window(tmp_path, redis_server, config
                    clock=lambda: datetime.now(timezone.utc) + timedelta(hours=5))
     exact = ledger(redis_server, tmp_path, config, "exact")
     decision = ahead.admit(checks(config), 2000)
-    ahead.count(decision.owner, "premium", None, 2000)
+    ahead.record(row("premium", None, 2000), decision.owner)
     ahead.flush()
     assert not exact.admit(checks(config), 1500).admitted
     a, e = status_of(ahead), status_of(exact)
@@ -134,7 +138,7 @@ def test_skewed_clocks_count_into_the_same_window(tmp_path, redis_server, config
 def test_reset_is_seen_by_every_host(tmp_path, redis_server, config):
     one, two = ledger(redis_server, tmp_path, config, "one"), ledger(redis_server, tmp_path, config, "two")
     decision = one.admit(checks(config), 2900)
-    one.count(decision.owner, "premium", None, 2900)
+    one.record(row("premium", None, 2900), decision.owner)
     one.flush()
     assert not two.admit(checks(config), 200).admitted
     two.add_reset("premium", note="test")
@@ -167,7 +171,7 @@ def test_heartbeat_keeps_live_reservations(tmp_path, redis_server, config):
 def test_rolling_window(tmp_path, redis_server, config):
     led = ledger(redis_server, tmp_path, config)
     decision = led.admit(checks(config, "rolling"), 600)
-    led.count(decision.owner, "rolling", None, 600)
+    led.record(row("rolling", None, 600), decision.owner)
     led.flush()
     assert not led.admit(checks(config, "rolling"), 600).admitted
     status = status_of(led, "rolling")
@@ -215,5 +219,20 @@ def test_markers_are_once_across_proxies(tmp_path, redis_server, config):
     one, two = ledger(redis_server, tmp_path, config, "one"), ledger(redis_server, tmp_path, config, "two")
     assert one.claim_response("resp_1") and not two.claim_response("resp_1")
     assert two.claim_alert("premium||2026-11-30|80") and not one.claim_alert("premium||2026-11-30|80")
+    one.close()
+    two.close()
+
+
+def test_a_response_counts_once_across_proxies_and_continuations_find_it(tmp_path, redis_server, config):
+    one, two = ledger(redis_server, tmp_path, config, "one"), ledger(redis_server, tmp_path, config, "two")
+    for led in (one, two):  # a background response read through two proxies
+        led.record(row("premium", None, 900, response_id="resp_9", conversation="conv_1", input_tokens=600,
+                       output_tokens=300), None)
+        led.flush()
+    assert status_of(one).used == 900
+    assert two.previous_usage("resp_9", None) == one.previous_usage(None, "conv_1")
+    assert (one.previous_usage("resp_9", None).input_tokens, one.previous_usage("resp_9", None).output_tokens) == (
+        600, 300)
+    assert one.previous_usage("resp_unknown", None) is None
     one.close()
     two.close()

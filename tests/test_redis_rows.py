@@ -36,16 +36,10 @@ def count(db, where="1") -> int:
     conn = sqlite3.connect(db)
     try:
         return conn.execute(f"select count(*) from requests where {where}").fetchone()[0]
+    except sqlite3.OperationalError:  # the collector has not created its tables yet
+        return 0
     finally:
         conn.close()
-
-
-def count_if_created(db) -> int:
-    """Rows so far; 0 while the collector has not created the file or its table yet."""
-    try:
-        return count(db) if db.exists() else 0
-    except sqlite3.OperationalError:
-        return 0
 
 
 def local_rows(path, n: int, origin_model: str = "gpt-4o-mini") -> None:
@@ -59,6 +53,9 @@ def local_rows(path, n: int, origin_model: str = "gpt-4o-mini") -> None:
     with db.conn:
         schema.insert_rows(db, rows)
     db.conn.close()
+
+
+TRACKED = "ft:gpt-4o-mini:org::tracked"  # the bundled config's track-only pool (ft:*)
 
 
 def test_three_proxies_one_central_database(tmp_path, make_proxy, redis_server):
@@ -88,14 +85,15 @@ def test_three_proxies_one_central_database(tmp_path, make_proxy, redis_server):
 
 
 def test_rows_wait_locally_while_redis_is_down(tmp_path, make_proxy, redis_server):
+    # A track-only pool: while Redis is away, limited pools fail closed (tests/test_redis_e2e.py).
     proxy = make_proxy(options={"usage_redis": redis_server.url})
     client = proxy.client(max_retries=0)
-    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "one"}])
+    client.chat.completions.create(model=TRACKED, messages=[{"role": "user", "content": "one"}])
     stream = redis_server.client()
     assert wait_for(lambda: stream.xlen(redis_rows.STREAM) == 1)
     redis_server.stop()  # no persistence: the stream is gone with it
     for _ in range(3):  # proxying goes on
-        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "two"}])
+        client.chat.completions.create(model=TRACKED, messages=[{"role": "user", "content": "two"}])
     assert len(proxy.wait_rows(4)) == 4
     time.sleep(2.5)
     assert "cannot publish rows to Redis" in proxy.log()
@@ -126,7 +124,7 @@ def test_collector_killed_mid_batch_inserts_nothing_twice(tmp_path, redis_server
     proc = subprocess.Popen([sys.executable, "-m", "addon", "collect", "--redis", redis_server.url,
                              "--db", str(central), "--consumer", "c1"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_for(lambda: count_if_created(central) > 0, timeout=60)
+    assert wait_for(lambda: central.exists() and count(central) > 0, timeout=60)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = count(central)

@@ -45,6 +45,7 @@ from addon.tools import reconcile
 
 ADMIN_TOKEN_ENV = "USAGE_ADMIN_TOKEN"
 CONFIG_ENV = "USAGE_CONFIG"  # the proxy's config file (python -m addon run passes it); optional
+REDIS_ENV = "USAGE_REDIS"  # the Redis the proxies share: resets over HTTP reset it too (see README: Several hosts)
 PREFIXES = ("/api/", "/admin/")
 MAX_DAYS = 366
 
@@ -309,6 +310,23 @@ async def reset_pool(request, datasette):
     pools = {row["pool"] for row in await _statuses(datasette)}
     if pool not in pools:
         return _error(404, f"unknown pool {pool!r} (pools: {', '.join(sorted(pools))})")
+
+    shared = os.environ.get(REDIS_ENV, "").strip()
+    if shared:  # the pools the proxies share (usage_redis): every proxy counts anew
+        def reset_in_redis() -> None:
+            from addon.ledger.redis_ledger import reset_shared
+            from addon.store.redis_rows import ping
+
+            client = ping(shared)
+            try:
+                reset_shared(client, pool, key_id)
+            finally:
+                client.close()
+
+        try:
+            await asyncio.to_thread(reset_in_redis)
+        except ConnectionError as exc:
+            return _error(503, str(exc))
 
     def write(conn):
         with conn:

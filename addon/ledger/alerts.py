@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,10 @@ def forecast_message(status: Any, now: datetime) -> str:
 class AlertEvaluator:
     """Turns pool statuses into alert rows; lives on the ledger thread."""
 
-    def __init__(self, sender: WebhookSender | None) -> None:
+    def __init__(self, sender: WebhookSender | None, claim: Callable[[str], bool] | None = None) -> None:
         self.sender = sender
+        # Proxies sharing pools through Redis fire each alert once between them (RedisLedger.claim_alert).
+        self.claim = claim
         self.fired: set[str] = set()
         self.exhausted: set[tuple[str, str | None, str]] = set()  # (pool, key, window_start)
 
@@ -117,6 +119,8 @@ class AlertEvaluator:
         if dedupe in self.fired:
             return None
         self.fired.add(dedupe)
+        if self.claim is not None and not self.claim(dedupe):
+            return None  # another host fired it first
         row = {
             "ts": iso_utc(now),
             "pool": status.pool,

@@ -38,6 +38,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,10 @@ from typing import Any
 import redis
 
 from addon.config import Config, Pool
-from addon.ledger.sqlite_ledger import RESERVATION_TTL, Check, Decision, PoolStatus, write_pools
-from addon.ledger.windows import iso_utc, utc_now
+from addon.ledger import pool_status
+from addon.ledger.estimate import PreviousUsage
+from addon.ledger.sqlite_ledger import RESERVATION_TTL, Check, Decision, PoolStatus, record_reset, write_pools
+from addon.ledger.windows import Window, iso_utc, utc_now
 from addon.store import redis_rows, schema
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ PREFIX = "usage:"
 RESPONSE_MARKER_TTL = 30 * 86400  # a response id is counted once within 30 days
 ALERT_MARKER_TTL = 40 * 86400
 MAX_PENDING_OPS = 100_000
+PREVIOUS_TTL = 86400  # a continuation's previous response is looked up for a day
 
 _LUA_COMMON = """
 local P = 'usage:'
@@ -142,12 +146,16 @@ end
 return {'admitted', epoch}
 """
 
-# ARGV: reservation id ('' for none), tokens, n, then n x (pool, key, rolling seconds, windows).
+# ARGV: reservation id ('' for none), tokens, response id ('' for none), n,
+# then n x (pool, key, rolling seconds, windows). A response id counts once across every proxy.
 _SETTLE = _LUA_COMMON + """
-local rid, tokens, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local rid, tokens, response, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local now = now_s()
+if response ~= '' and tokens > 0 then
+  if not redis.call('SET', P .. 'resp:' .. response, '1', 'NX', 'EX', 30 * 86400) then tokens = 0 end
+end
 for i = 0, n - 1 do
-  local pool, key, rolling, wins = ARGV[4 + i * 4], ARGV[5 + i * 4], tonumber(ARGV[6 + i * 4]), ARGV[7 + i * 4]
+  local pool, key, rolling, wins = ARGV[5 + i * 4], ARGV[6 + i * 4], tonumber(ARGV[7 + i * 4]), ARGV[8 + i * 4]
   if rid ~= '' then
     redis.call('HDEL', P .. 'rsv:' .. pool .. ':' .. key, rid)
     redis.call('ZREM', P .. 'rexp:' .. pool .. ':' .. key, rid)
@@ -210,23 +218,35 @@ return 1
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """One trip of the settlement thread: a reservation goes, tokens count (scopes: (pool, key))."""
+
+    owner: str  # reservation id, "" for none
+    tokens: int
+    response_id: str  # counted once across proxies; "" for none
+    scopes: list[tuple[str, str | None]]
+    previous: tuple[str, str | None, int, int] | None = None  # (response id, conversation, input, output)
+
+
 def scope_key(key_id: str | None) -> str:
     return key_id or ""
 
 
-def window_spec(pool: Pool, tz, now: datetime) -> tuple[int, str]:
+def window_spec(pool: Pool | Window, tz, now: datetime) -> tuple[int, str]:
     """(rolling seconds, "start,end;..." of the windows around `now`) in epoch seconds.
 
     Calendar windows: the previous, current and next one by this host's clock;
     the script picks the one containing Redis's clock, so skews of less than a
     window agree.
     """
-    if pool.window.is_rolling:
-        return int((pool.window.rolling_hours or 0) * 3600), ""
+    window = pool.window if isinstance(pool, Pool) else pool
+    if window.is_rolling:
+        return int((window.rolling_hours or 0) * 3600), ""
     bounds = []
-    start, end = pool.window.bounds(now, tz)
-    previous = pool.window.bounds(start - timedelta(seconds=1), tz)
-    following = pool.window.bounds(end + timedelta(seconds=1), tz)
+    start, end = window.bounds(now, tz)
+    previous = window.bounds(start - timedelta(seconds=1), tz)
+    following = window.bounds(end + timedelta(seconds=1), tz)
     for s, e in (previous, (start, end), following):
         bounds.append(f"{int(s.timestamp())},{int(e.timestamp())}")
     return 0, ";".join(bounds)
@@ -259,13 +279,13 @@ class RedisLedger:
         self._live_lock = threading.Lock()
         self._admit = self.client.register_script(_ADMIT)
         self._settle = self.client.register_script(_SETTLE)
-        self._status = self.client.register_script(_STATUS)
         self._rebuild = self.client.register_script(_REBUILD)
         self._touch = self.client.register_script(_TOUCH)
         self._contributed: str | None = None  # the Redis epoch this database's rows were added to
         self._db: schema.sqlite_utils.Database | None = None
         # Settlements and releases on their way to Redis: (reservation id or "", tokens, scopes).
-        self._ops: queue.Queue[tuple[str, int, list[tuple[str, str | None]]] | None] = queue.Queue()
+        self._ops: queue.Queue[Settlement | None] = queue.Queue()
+        self._scopes: dict[str, tuple[tuple[str, str | None], ...]] = {}  # reservation id -> scopes it holds
         self._ops_failing = False
         self._ops_thread = threading.Thread(target=self._run_ops, name="usage-redis-settle", daemon=True)
         self._ops_thread.start()
@@ -276,6 +296,8 @@ class RedisLedger:
         if self._db is None:
             db = schema.connect(self.path)
             schema.migrate(db)
+            # Autocommit, as the SQLite ledger: an alert row must not leave a write transaction open.
+            db.conn.isolation_level = None
             self._db = db
         return self._db
 
@@ -323,6 +345,7 @@ class RedisLedger:
             if kind == "admitted":
                 with self._live_lock:
                     self._live[rid] = admitted_at
+                    self._scopes[rid] = tuple((check.pool.name, check.key_id) for check in checks)
                 decisions.append(Decision(True, None, estimate=estimate, owner=rid))
             elif kind == "refused":
                 check = checks[int(result[2])]
@@ -344,33 +367,47 @@ class RedisLedger:
         return f"{self.process}#{self._seq}"
 
     # -- settlement (event loop: queued, never waits) --------------------
+    shared = True  # rows count in Redis when they are recorded (record), not when they land in SQLite
+
     def give_back(self, reservation: Any, estimate: int, owner: str) -> None:
         """An admitted request that will never be recorded: its reservation goes."""
-        self._queue(owner, 0, [])
+        self._queue(Settlement(owner, 0, "", self._reserved_scopes(owner)))
 
     def settle(self, reservation: Any, owner: str, estimate: int, used: int) -> int:
-        """A request finished: its reservation goes and its tokens count, at once (one script)."""
+        """(For the SQLite ledger's interface: in Redis, `record` settles a row at once.)"""
         return used
 
-    def count(self, owner: str | None, pool: str | None, key_id: str | None, tokens: int) -> None:
-        """A row's tokens count in its pool (and key); its reservation, if any, goes."""
-        scopes: list[tuple[str, str | None]] = []
+    def record(self, row: dict[str, Any], owner: str | None) -> None:
+        """A finished call's row: its reservation goes and its tokens count in its pool and key, at once,
+        once per response id across every proxy (one script, from the settlement thread)."""
+        pool, key_id = row.get("pool"), row.get("key_id")
+        tokens = row.get("total_tokens") or 0
+        scopes = list(self._reserved_scopes(owner)) if owner else []
         if pool in self.config.pools:
-            scopes.append((pool, None))
-            if key_id:
-                scopes.append((pool, key_id))
-        if owner is None and (not scopes or tokens <= 0):
+            for scope in ((pool, None), (pool, key_id)) if key_id else ((pool, None),):
+                if scope not in scopes:
+                    scopes.append(scope)
+        if not owner and (not scopes or tokens <= 0):
             return
-        self._queue(owner or "", max(int(tokens), 0), scopes)
+        previous = None
+        if tokens and row.get("response_id"):
+            previous = (row["response_id"], row.get("conversation"), row.get("input_tokens") or 0,
+                        row.get("output_tokens") or 0)
+        self._queue(Settlement(owner or "", max(int(tokens), 0), row.get("response_id") or "", scopes, previous))
 
-    def _queue(self, owner: str, tokens: int, scopes: list[tuple[str, str | None]]) -> None:
-        if owner:
+    def _reserved_scopes(self, owner: str) -> list[tuple[str, str | None]]:
+        with self._live_lock:
+            return list(self._scopes.get(owner, ()))
+
+    def _queue(self, op: Settlement) -> None:
+        if op.owner:
             with self._live_lock:
-                self._live.pop(owner, None)
+                self._live.pop(op.owner, None)
+                self._scopes.pop(op.owner, None)
         if self._ops.qsize() >= MAX_PENDING_OPS:
             log.error("usage: %d settlements wait for Redis; dropping this one", MAX_PENDING_OPS)
             return
-        self._ops.put((owner, tokens, scopes))
+        self._ops.put(op)
 
     def _run_ops(self) -> None:
         stop = False
@@ -407,19 +444,50 @@ class RedisLedger:
             for _ in batch:
                 self._ops.task_done()
 
-    def _apply(self, batch: list[tuple[str, int, list[tuple[str, str | None]]]]) -> None:
+    def _apply(self, batch: list[Settlement]) -> None:
         now = self.clock()
         pipe = self.client.pipeline(transaction=False)
-        for owner, tokens, scopes in batch:
-            if not scopes and owner:  # a release: the reservation may be in any scope of any pool
-                scopes = [(pool, None) for pool in self.config.pools]
-                scopes += [(pool, key) for key, rule in self.config.keys.items() for pool in rule.limits]
-            args: list[Any] = [owner, tokens, len(scopes)]
+        for op in batch:
+            scopes = [scope for scope in op.scopes if scope[0] in self.config.pools]
+            args: list[Any] = [op.owner, op.tokens, op.response_id, len(scopes)]
             for pool_name, key_id in scopes:
                 rolling, wins = window_spec(self.config.pools[pool_name], self.config.timezone, now)
                 args += [pool_name, scope_key(key_id), rolling, wins]
             self._settle(args=args, client=pipe)
+            if op.previous is not None:  # for the estimate of a continuation on any proxy
+                response_id, conversation, input_tokens, output_tokens = op.previous
+                value = f"{input_tokens},{output_tokens}"
+                pipe.set(f"{PREFIX}prev:{response_id}", value, ex=PREVIOUS_TTL)
+                if conversation:
+                    pipe.set(f"{PREFIX}conv:{conversation}", value, ex=PREVIOUS_TTL)
         pipe.execute()
+
+    def previous_usage(self, response_id: str | None, conversation: str | None) -> PreviousUsage | None:
+        """What the response a continuation builds on used, as any proxy recorded it (ledger thread)."""
+        if response_id:
+            name = f"{PREFIX}prev:{response_id}"
+        elif conversation:
+            name = f"{PREFIX}conv:{conversation}"
+        else:
+            return None
+        value = self.client.get(name)
+        if not value:
+            return None
+        input_tokens, _, output_tokens = value.partition(",")
+        return PreviousUsage(int(input_tokens), int(output_tokens))
+
+    # The SQLite ledger's lease bookkeeping has no counterpart here.
+    def landed(self, reservation: Any, owner: str, used: int) -> None:
+        pass
+
+    def unforeseen(self, pool: str, used: int) -> None:
+        pass
+
+    def has_debt(self) -> bool:
+        return False
+
+    def give_up_crossed(self) -> None:
+        pass
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until queued settlements reached Redis (tests, shutdown)."""
@@ -449,38 +517,16 @@ class RedisLedger:
         with self._live_lock:
             live, self._live = list(self._live), {}
         for owner in live:
-            self._queue(owner, 0, [])
+            self.give_back(None, 0, owner)
         self.flush()
 
     def add_reset(self, pool: str, key_id: str | None = None, note: str | None = None) -> str:
         """Usage so far no longer counts: new counters for the pool (or key), for every proxy."""
-        name = f"{PREFIX}gen:{pool}" + (f":{key_id}" if key_id else "")
-        self.client.incr(name)
-        stamp = self.clock()
-        with self.db.conn:
-            self.db.execute("INSERT INTO resets (ts, pool, key_id, note) VALUES (?, ?, ?, ?)",
-                            [iso_utc(stamp), pool, key_id, note])
-        return iso_utc(stamp)
+        reset_shared(self.client, pool, key_id)
+        return record_reset(self.db.conn, pool, key_id, note, self.clock())
 
-    def status(self) -> list[PoolStatus]:
-        now = self.clock()
-        scopes: list[tuple[Pool, str | None, int | None, str | None]] = []
-        for pool in self.config.pools.values():
-            scopes.append((pool, None, pool.limit, None))
-            for rule in self.config.keys.values():
-                if pool.name in rule.limits:
-                    scopes.append((pool, rule.key_id, rule.limits[pool.name], rule.label))
-        args: list[Any] = [len(scopes)]
-        for pool, key_id, _, _ in scopes:
-            rolling, wins = window_spec(pool, self.config.timezone, now)
-            args += [pool.name, scope_key(key_id), rolling, wins]
-        out = self._status(args=args)
-        result = []
-        for i, (pool, key_id, limit, label) in enumerate(scopes):
-            used, reserved, start, end = out[i * 4: i * 4 + 4]
-            result.append(PoolStatus(pool.name, key_id, label, pool.window.kind, limit, int(used), int(reserved),
-                                     _epoch_time(start), None if pool.window.is_rolling else _epoch_time(end)))
-        return result
+    def status(self, forecast: bool = True) -> list[PoolStatus]:
+        return shared_statuses(self.client, pool_status.config_scopes(self.config), self.clock())
 
     # -- markers shared by every proxy -----------------------------------
     def claim_alert(self, dedupe: str) -> bool:
@@ -539,3 +585,25 @@ class RedisLedger:
                     yield [pool.name, key_id, rolling, wins, int(tokens), ""]
             if total:
                 yield [pool.name, "", rolling, wins, total, ""]
+
+
+def reset_shared(client: redis.Redis, pool: str, key_id: str | None = None) -> None:
+    """A reset in Redis: the pool's (or key's) counters start anew for every proxy."""
+    client.incr(f"{PREFIX}gen:{pool}" + (f":{key_id}" if key_id else ""))
+
+
+def shared_statuses(client: redis.Redis, scopes: list[pool_status.Scope], now: datetime) -> list[PoolStatus]:
+    """Every scope's used and reserved as Redis counts them (windows by Redis's clock; one script)."""
+    args: list[Any] = [len(scopes)]
+    for scope in scopes:
+        rolling, wins = window_spec(scope.window, scope.tz, now)
+        args += [scope.pool, scope_key(scope.key_id), rolling, wins]
+    out = client.register_script(_STATUS)(args=args)
+    result = []
+    for i, scope in enumerate(scopes):
+        used, reserved, start, end = out[i * 4: i * 4 + 4]
+        rolling = scope.window.is_rolling
+        result.append(PoolStatus(scope.pool, scope.key_id, scope.label, scope.window.kind, scope.limit, int(used),
+                                 int(reserved), _epoch_time(start), None if rolling else _epoch_time(end),
+                                 timezone=scope.tz.key))
+    return result

@@ -24,6 +24,7 @@ from mitmproxy import command, ctx, exceptions, http
 
 from addon.ledger.alerts import AlertEvaluator, WebhookSender, ensure_dedupe_index
 from addon.ledger.estimate import PreviousUsage, estimate, is_continuation
+from addon.ledger.redis_ledger import RedisLedger
 from addon.ledger.sqlite_ledger import (
     HEARTBEAT_INTERVAL,
     Check,
@@ -67,7 +68,7 @@ class Limits:
     def __init__(self, meter: UsageMeter) -> None:
         self.meter = meter
         meter.listeners.append(self)
-        self.ledger: Ledger | None = None
+        self.ledger: Ledger | RedisLedger | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.alerts: AlertEvaluator | None = None
         self.sender: WebhookSender | None = None
@@ -105,7 +106,8 @@ class Limits:
         config = self.meter.config
         if config is None:
             return
-        key = (id(config), ctx.options.usage_db, ctx.options.usage_alert_webhook)
+        redis_url = ctx.options.usage_redis.strip() if "usage_redis" in ctx.options else ""
+        key = (id(config), ctx.options.usage_db, ctx.options.usage_alert_webhook, redis_url)
         if key == self._key:
             return
         self._key = key
@@ -115,8 +117,16 @@ class Limits:
             self._pending, self._drain_scheduled = [], False
         webhook = ctx.options.usage_alert_webhook or config.webhook
         self.sender = WebhookSender(webhook, ctx.options.usage_db, resend_undelivered=True) if webhook else None
-        self.alerts = AlertEvaluator(self.sender)
-        self.ledger = Ledger(ctx.options.usage_db, config)
+        if redis_url:  # pools shared with the proxies of other hosts (addon/ledger/redis_ledger.py)
+            try:
+                shared = RedisLedger(redis_url, ctx.options.usage_db, config)
+            except ValueError as exc:
+                raise exceptions.OptionsError(f"usage_redis: {exc}") from None
+            self.ledger = shared
+            self.alerts = AlertEvaluator(self.sender, claim=shared.claim_alert)
+        else:
+            self.ledger = Ledger(ctx.options.usage_db, config)
+            self.alerts = AlertEvaluator(self.sender)
         self.executor.submit(self._publish)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="usage-ticker", daemon=True)
@@ -433,6 +443,9 @@ class Limits:
         used = row.get("total_tokens") or 0
         self._remember(row, used)
         reservation = call.extra.get("reservation")
+        if isinstance(self.ledger, RedisLedger):  # counted in Redis now, once per response id across hosts
+            self.ledger.record(row, reservation[2] if reservation else None)
+            return
         if reservation is None:
             if used and self.ledger is not None and row.get("pool"):
                 self.ledger.unforeseen(row["pool"], used)

@@ -23,7 +23,15 @@ from typing import Any
 
 import sqlite_utils
 
-from addon.store.schema import REQUEST_COLUMNS, connect, file_id, insert_rows, is_transient, migrate, open_private
+from addon.store.schema import (
+    REQUEST_COLUMNS,
+    connect,
+    file_id,
+    insert_rows,
+    is_transient,
+    migrate,
+    open_private,
+)
 
 log = logging.getLogger(__name__)
 

@@ -73,12 +73,14 @@ def proxy_command(args: argparse.Namespace) -> list[str]:
 
 def datasette_env(args: argparse.Namespace) -> dict[str, str]:
     """The environment of Datasette: the plugin reads the config and the console setting from it."""
-    from addon.datasette.http_api import CONFIG_ENV
+    from addon.datasette.http_api import CONFIG_ENV, REDIS_ENV
     from addon.datasette.plugin import ACCESS_LOG_ENV
 
     env = dict(os.environ)
     if args.config:
         env[CONFIG_ENV] = str(Path(args.config).resolve())
+    if getattr(args, "collect", None):
+        env[REDIS_ENV] = args.collect  # resets over HTTP reset the shared pools too
     if not getattr(args, "verbose", False):
         env[ACCESS_LOG_ENV] = "0"
     return env
@@ -165,13 +167,18 @@ def run(args: argparse.Namespace) -> int:
         metadata = metadata_for(db_path, Path(tmp))
         procs: list[subprocess.Popen] = []
         # Ctrl-C reaches the children from the terminal too; here it only means "stop and wait".
+        names = ["mitmdump", "datasette"]
         try:
             procs.append(subprocess.Popen(proxy_command(args), cwd=os.getcwd()))
             procs.append(subprocess.Popen(datasette_command(args, metadata), cwd=os.getcwd(),
                                           env=datasette_env(args)))
+            if getattr(args, "collect", None):  # the central host: the team's rows into this database
+                procs.append(subprocess.Popen([sys.executable, "-m", "addon", "collect", "--redis", args.collect,
+                                               "--db", str(db_path)], cwd=os.getcwd()))
+                names.append("collect")
             print(banner(args), flush=True)
             while True:
-                for proc, name in zip(procs, ("mitmdump", "datasette"), strict=True):
+                for proc, name in zip(procs, names, strict=True):
                     code = proc.poll()
                     if code is not None:
                         print(f"{name} exited with {code}; stopping", file=sys.stderr, flush=True)
@@ -204,6 +211,9 @@ def register(subparsers) -> None:
     parser.add_argument("--datasette-port", type=int, default=8001, help="Datasette port (default 8001)")
     parser.add_argument("--datasette-arg", action="append", metavar="ARG",
                         help="extra argument for `datasette serve` (repeatable), e.g. --datasette-arg=--setting=...")
+    parser.add_argument("--collect", metavar="REDIS_URL",
+                        help="also run `collect` from this Redis into the database (the central host of a team; "
+                             "see README: Several hosts)")
     parser.add_argument("--verbose", action="store_true",
                         help="print a line per request (mitmdump flow_detail=1, Datasette's access log)")
     parser.add_argument("mitmdump_args", nargs=argparse.REMAINDER, metavar="-- MITMDUMP_ARGS",

@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     )
     add_common(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--redis", metavar="URL", help="read used and reserved from the Redis the proxies share "
+                        "(usage_redis) instead of this database's rows")
     status.set_defaults(func=run_status)
 
     reset = subparsers.add_parser(
@@ -42,6 +44,8 @@ def register(subparsers) -> None:
     reset.add_argument("pool", help="pool name (as the proxy published it, or from --config)")
     reset.add_argument("--key", dest="key_id", help="reset only this key_id's count in the pool")
     reset.add_argument("--note", help="why (kept in the resets table)")
+    reset.add_argument("--redis", metavar="URL", help="also reset the pool in the Redis the proxies share "
+                       "(usage_redis): every proxy counts anew")
     reset.set_defaults(func=run_reset)
 
 
@@ -73,7 +77,10 @@ def run_status(args: argparse.Namespace) -> int:
         conn.execute("BEGIN")  # one consistent picture
         try:
             scopes = pool_status.scopes_for(conn, config)
-            statuses = pool_status.statuses(conn, scopes, utc_now())
+            if args.redis:
+                statuses = _shared_statuses(args.redis, scopes)
+            else:
+                statuses = pool_status.statuses(conn, scopes, utc_now())
         finally:
             conn.execute("COMMIT")
     finally:
@@ -117,6 +124,15 @@ def run_reset(args: argparse.Namespace) -> int:
         if args.pool not in pools:
             print(f"error: unknown pool {args.pool!r} (pools: {', '.join(pools)})", file=sys.stderr)
             return 1
+        if args.redis:
+            from addon.ledger.redis_ledger import reset_shared
+            from addon.store.redis_rows import ping
+
+            client = ping(args.redis)
+            try:
+                reset_shared(client, args.pool, args.key_id)
+            finally:
+                client.close()
         with db.conn:
             stamp = record_reset(db.conn, args.pool, args.key_id, args.note, utc_now())
     finally:
@@ -124,3 +140,14 @@ def run_reset(args: argparse.Namespace) -> int:
     who = f" for key {args.key_id}" if args.key_id else ""
     print(f"pool {args.pool}{who} reset at {stamp}: usage before it no longer counts in the current window")
     return 0
+
+
+def _shared_statuses(url: str, scopes: list[pool_status.Scope]) -> list[PoolStatus]:
+    from addon.ledger.redis_ledger import shared_statuses
+    from addon.store.redis_rows import ping
+
+    client = ping(url)
+    try:
+        return shared_statuses(client, scopes, utc_now())
+    finally:
+        client.close()
