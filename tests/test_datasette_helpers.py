@@ -6,7 +6,7 @@ import json
 import sqlite3
 import subprocess
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -41,40 +41,16 @@ def run_canned(db: Path, name: str, **params: str) -> list[dict]:
 
 def publish_pools(db_path: Path, config, now: datetime | None = None) -> None:
     """Write `pools` and `pool_windows` the way the proxy does."""
+    from addon.ledger.sqlite_ledger import write_pools
     from addon.store import schema
 
     now = now or datetime.now(timezone.utc)
     db = schema.connect(db_path)
     try:
         schema.migrate(db)
-        try:
-            from addon.ledger.sqlite_ledger import write_pools
-        except ImportError:  # before addon/ledger/sqlite_ledger.py existed
-            write_pools = _write_pools
         write_pools(db, config, now)
     finally:
         db.conn.close()
-
-
-def _write_pools(db, config, now: datetime) -> None:
-    from addon.ledger.windows import iso_utc
-
-    with db.conn:
-        db.execute("DELETE FROM pools")
-        db.execute("DELETE FROM pool_windows")
-        for pool in config.pools.values():
-            db.table("pools").insert({
-                "name": pool.name, "limit": pool.limit, "window": pool.window.kind,
-                "rolling_hours": pool.window.rolling_hours, "timezone": config.timezone_name,
-                "models": json.dumps(list(pool.models)), "thresholds": json.dumps(list(pool.thresholds)),
-                "fail": pool.fail, "updated_at": iso_utc(now),
-            })
-            if pool.window.is_rolling:
-                continue
-            start, end = pool.window.bounds(now - timedelta(days=1), config.timezone)
-            while start < now + timedelta(days=40):
-                db.table("pool_windows").insert({"pool": pool.name, "start": iso_utc(start), "end": iso_utc(end)})
-                start, end = pool.window.bounds(end + timedelta(seconds=1), config.timezone)
 
 
 class Datasette:

@@ -575,6 +575,7 @@ def for_database(name: str) -> dict[str, Any]:
     data = build()
     if name == DB:
         return data
+    data = json.loads(json.dumps(data))  # a copy: build() shares the module's dashboard dicts
     data["databases"] = {name: data["databases"][DB]}
     for dashboard in data.get("plugins", {}).get("datasette-dashboards", {}).values():
         for item in [*dashboard.get("charts", {}).values(), *dashboard.get("filters", {}).values()]:

@@ -33,16 +33,13 @@ def _bin(name: str) -> str:
 def prepare_database(db_path: Path, config_path: str | None) -> None:
     """Validate the config, create the tables and publish the pools before anything reads them."""
     from addon import config as config_mod
+    from addon.ledger.sqlite_ledger import write_pools
     from addon.store import schema
 
     config = config_mod.load(config_path)  # a bad config stops here, before anything starts
     db = schema.connect(db_path)
     try:
         schema.migrate(db)
-        try:
-            from addon.ledger.sqlite_ledger import write_pools
-        except ImportError:
-            return
         write_pools(db, config)
     finally:
         db.conn.close()
