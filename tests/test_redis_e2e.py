@@ -105,8 +105,13 @@ def test_counters_rebuilt_from_the_rows_after_a_restart_without_persistence(make
     for proxy in proxies:
         ask(proxy.client(max_retries=0))
     client = redis_server.client()
-    counters = {k: int(client.get(k)) for k in client.keys("usage:used:premium::*")}
-    assert sum(counters.values()) == sum(premium_used(p.db) for p in proxies)
+
+    def counted() -> int:
+        return sum(int(client.get(k)) for k in client.keys("usage:used:premium::*"))
+
+    # (the rows of the calls just made land in SQLite a few ms after Redis counted them)
+    assert wait_for(lambda: counted() == sum(premium_used(p.db) for p in proxies))
+    assert counted() == sum(premium_used(p.db) for p in proxies) > used
 
 
 def test_limit_holds_while_requests_run_on_several_hosts(make_proxy, tmp_path, redis_server):

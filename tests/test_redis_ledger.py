@@ -71,7 +71,15 @@ def test_three_hosts_24_clients_one_pool(tmp_path, redis_server, config):
     lock = threading.Lock()
     ledger_threads = [threading.Lock() for _ in hosts]  # each proxy decides on one ledger thread
 
+    errors: list[BaseException] = []
+
     def client(i: int) -> None:
+        try:
+            ask(i)
+        except BaseException as exc:  # seen by the assertion below, not lost in a thread
+            errors.append(exc)
+
+    def ask(i: int) -> None:
         led = hosts[i % 3]
         rng = random.Random(i)
         for _ in range(20):
@@ -88,6 +96,7 @@ def test_three_hosts_24_clients_one_pool(tmp_path, redis_server, config):
         t.start()
     for t in threads:
         t.join()
+    assert not errors, errors
     for led in hosts:
         assert led.flush()
     used = status_of(hosts[0]).used

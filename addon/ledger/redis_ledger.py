@@ -323,21 +323,28 @@ class RedisLedger:
         """One script per request, all in one pipeline (one round trip)."""
         now = self.clock()
         ids = [self._new_id() for _ in requests]
+        results: list[Any] = [None] * len(requests)
+        todo = list(range(len(requests)))
         for attempt in range(2):
             pipe = self.client.pipeline(transaction=False)
-            for (checks, estimate), rid in zip(requests, ids, strict=True):
-                args: list[Any] = [estimate, rid, self.ttl, len(checks)]
+            for index in todo:
+                checks, estimate = requests[index]
+                args: list[Any] = [estimate, ids[index], self.ttl, len(checks)]
                 for check in checks:
                     rolling, wins = window_spec(check.pool, self.config.timezone, now)
                     args += [check.pool.name, scope_key(check.key_id), check.limit, rolling, wins]
                 self._admit(args=args, client=pipe)
-            results = pipe.execute()
-            if any(r[0] == "rebuild" for r in results) or self._needs_rebuild(results):
-                if attempt == 0:
-                    self.rebuild()
-                    continue
+            for index, result in zip(todo, pipe.execute(), strict=True):
+                results[index] = result
+            # A script that found no epoch decided nothing (and reserved nothing): Redis lost its data.
+            todo = [index for index, result in enumerate(results) if result[0] == "rebuild"]
+            if not todo:
+                break
+            if attempt == 1:
                 raise redis.RedisError("Redis lost its counters and they could not be rebuilt")
-            break
+            self.rebuild()
+        if self._needs_rebuild(results):  # decided, but this database's rows are not in this epoch yet
+            self.rebuild()
         decisions = []
         admitted_at = time.monotonic()
         for (checks, estimate), rid, result in zip(requests, ids, results, strict=True):
