@@ -34,6 +34,7 @@ codex:
 
 test: install codex
 	$(PY) -m ruff check addon tests bench
+	$(PY) -m mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Throughput, time to first streamed chunk and memory against plain mitmdump;
@@ -46,6 +47,7 @@ bench: install
 lint: install
 	$(PY) -m ruff check addon tests bench
 	$(PY) -m ruff format --check addon tests bench
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

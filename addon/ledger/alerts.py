@@ -229,6 +229,7 @@ class WebhookSender:
         return claimed
 
     def _deliver(self, alert: dict[str, Any]) -> tuple[bool, int, str | None]:
+        assert self.url is not None  # only called with a webhook configured
         payload = {
             "text": alert["message"],  # Slack
             "content": alert["message"],  # Discord

@@ -36,8 +36,11 @@ CHOICE_ENDPOINTS = frozenset({"chat.completions", "completions", "images.generat
 
 
 class EstimateSettings(Protocol):
-    estimate_output_tokens: int  # output assumed when a request sets no cap
-    estimate_previous_tokens: int  # context assumed for a continuation whose previous response is unknown
+    @property
+    def estimate_output_tokens(self) -> int: ...  # output assumed when a request sets no cap
+
+    @property
+    def estimate_previous_tokens(self) -> int: ...  # context for a continuation whose previous response is unknown
 
 
 @dataclass(frozen=True, slots=True)

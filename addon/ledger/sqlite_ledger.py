@@ -282,7 +282,7 @@ class Ledger:
 
     def publish_pools(self) -> None:
         db = self.db
-        db.conn.isolation_level = ""
+        db.conn.isolation_level = "DEFERRED"
         try:
             write_pools(db, self.config, self.clock())
         finally:
@@ -531,7 +531,8 @@ class Ledger:
                 "INSERT INTO reservations (pool, key_id, tokens, created, expires, owner) VALUES (?, ?, ?, ?, ?, ?)",
                 (pool, key, max(delta, 0), created, created + RESERVATION_TTL, lease.owner),
             )
-            lease.id = int(cursor.lastrowid)
+            assert cursor.lastrowid is not None  # an INSERT's row
+            lease.id = cursor.lastrowid
         elif delta:
             conn.execute("UPDATE reservations SET tokens = MAX(tokens + ?, 0), expires = ? WHERE id = ? AND owner = ?",
                          (delta, created + RESERVATION_TTL, lease.id, lease.owner))
@@ -559,7 +560,7 @@ class Ledger:
                 pool = self.config.pools.get(pool_name)
                 if pool is None:
                     continue
-                limits = [(None, pool.limit)]
+                limits: list[tuple[str | None, int | None]] = [(None, pool.limit)]
                 rule = self.config.keys.get(key_id or "")
                 if key_id is not None and rule is not None and pool_name in rule.limits:
                     limits.append((key_id, rule.limits[pool_name]))

@@ -343,7 +343,7 @@ def facts_from_body(obj: Any) -> BodyFacts:
     elif isinstance(error, str):
         facts.error = error[:500]
     # A Responses object nested in an event or a plain Responses/Chat object.
-    target = obj.get("response") if isinstance(obj.get("response"), dict) else obj
+    target: dict[str, Any] = obj["response"] if isinstance(obj.get("response"), dict) else obj
     facts.usage = parse_usage(target.get("usage"))
     if facts.usage is not None:
         facts.usage.tool_calls = tool_calls_of(target.get("output"))

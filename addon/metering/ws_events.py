@@ -150,7 +150,7 @@ class Transcription:
 def request_facts(obj: dict[str, Any], size: int) -> wire.RequestFacts:
     """What a `response.create` asks for. Responses: the fields of POST /v1/responses;
     Realtime: inside `response`."""
-    body = obj.get("response") if isinstance(obj.get("response"), dict) else obj
+    body: dict[str, Any] = obj["response"] if isinstance(obj.get("response"), dict) else obj
     facts = wire.facts_from_request(body, size)
     if facts.max_output_tokens is None:
         # Realtime's spelling; "inf" means no limit.
@@ -222,7 +222,7 @@ class SocketTracker:
             return [Transcription(self.transcription_model, usage, _str(obj.get("item_id")), now)]
         if kind == "error":
             return self._error(obj, now)
-        response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
+        response: dict[str, Any] = obj["response"] if isinstance(obj.get("response"), dict) else {}
         rid = _str(response.get("id"))
         pending = self.by_id.get(rid) if rid else None
         if pending is None:
@@ -256,8 +256,8 @@ class SocketTracker:
         if not isinstance(session, dict):
             return
         self.model = _str(session.get("model")) or self.model
-        audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
-        audio_in = audio.get("input") if isinstance(audio.get("input"), dict) else {}
+        audio: dict[str, Any] = session["audio"] if isinstance(session.get("audio"), dict) else {}
+        audio_in: dict[str, Any] = audio["input"] if isinstance(audio.get("input"), dict) else {}
         for transcription in (audio_in.get("transcription"), session.get("input_audio_transcription")):
             if isinstance(transcription, dict) and _str(transcription.get("model")):
                 self.transcription_model = transcription["model"]
@@ -280,14 +280,13 @@ class SocketTracker:
         return pending
 
     def _error(self, obj: dict[str, Any], now: float) -> list[Pending | Transcription]:
-        error = obj.get("error") if isinstance(obj.get("error"), dict) else obj
+        error: dict[str, Any] = obj["error"] if isinstance(obj.get("error"), dict) else obj
         text = wire.facts_from_body({"error": error}).error or "error event"
         pending: Pending | None = None
         if self.protocol == REALTIME:
             # Realtime errors name the client event they answer; others are not a response's.
             event_id = _str(error.get("event_id"))
-            lane = self.lanes.get(None) or ()
-            pending = next((p for p in lane if event_id and p.event_id == event_id), None)
+            pending = next((p for p in self.lanes.get(None) or () if event_id and p.event_id == event_id), None)
         else:
             lane = self.lanes.get(_str(obj.get("stream_id")))
             if lane:

@@ -18,11 +18,14 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from addon.metering.bounded import MAX_DECODED_BODY, UnknownEncoding, decoded_pieces
 from addon.store.schema import open_private
+
+if TYPE_CHECKING:  # proxy/meter.py imports redact_url from here
+    from addon.proxy.meter import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +205,7 @@ class BodyLogWriter:
 class BodyLog:
     """Writes request/response pairs of metered hosts to `usage_body_log`."""
 
-    def __init__(self, usage_meter: Any = None) -> None:
+    def __init__(self, usage_meter: UsageMeter | None = None) -> None:
         self.meter = usage_meter  # for metered_destination(); None: every host
         self.writer: BodyLogWriter | None = None
         self.path = ""

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Any
 
 from mitmproxy import ctx
 from mitmproxy.proxy import mode_specs
+
+from addon.proxy.issued_keys import IssuedKeys
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _is_loopback(host: str) -> bool:
 
 
 class ExposureWarning:
-    def __init__(self, issued_keys: Any) -> None:
+    def __init__(self, issued_keys: IssuedKeys) -> None:
         self.issued_keys = issued_keys  # for its settings: require = true locks the proxy
 
     def running(self) -> None:

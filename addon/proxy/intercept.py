@@ -14,14 +14,14 @@ reverse mode every connection goes to the configured target and is kept.
 
 from __future__ import annotations
 
-from typing import Any
-
 from mitmproxy import ctx, tls
 from mitmproxy.proxy import mode_specs
 
+from addon.proxy.meter import UsageMeter
+
 
 class InterceptOnlyMetered:
-    def __init__(self, usage_meter: Any) -> None:
+    def __init__(self, usage_meter: UsageMeter) -> None:
         self.meter = usage_meter  # for is_metered()
 
     def load(self, loader) -> None:

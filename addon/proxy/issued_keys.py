@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 from addon import config as config_mod
 from addon.metering import wire
-from addon.store.issued_keys import DEFAULTS, KeyCache, Settings
+from addon.proxy.meter import UsageMeter
+from addon.store.issued_keys import KeyCache, Settings
 
 
 def error_401(message: str) -> tuple[bytes, dict[str, str]]:
@@ -22,9 +22,9 @@ def error_401(message: str) -> tuple[bytes, dict[str, str]]:
 class IssuedKeys:
     """Swaps issued keys for the upstream key; goes before UsageMeter in `addons`."""
 
-    def __init__(self, usage_meter: Any = None) -> None:
+    def __init__(self, usage_meter: UsageMeter | None = None) -> None:
         self.meter = usage_meter  # for metered_destination(); None: every host
-        self.settings = Settings(**DEFAULTS)
+        self.settings = Settings.parse({})
         self.upstream_key: str | None = None
         self.cache: KeyCache | None = None
 

@@ -184,7 +184,8 @@ class UsageMeter:
             # Flows still open at shutdown: record what is known. A stream
             # whose end already went to the client is complete, not aborted.
             facts = self._stream_facts(call)
-            if facts is not None and facts.done and facts.usage is not None and not call.stream.broken:
+            if facts is not None and facts.done and facts.usage is not None and call.stream is not None \
+                    and not call.stream.broken:
                 self._emit(call, None, "ok", facts=facts)
                 continue
             self._emit(call, None, "aborted", facts=facts, error="proxy shut down before the exchange finished")
@@ -577,9 +578,9 @@ def _realtime_model(body: Any) -> str | None:
     else its transcription's."""
     if not isinstance(body, dict):
         return None
-    session = body.get("session") if isinstance(body.get("session"), dict) else {}
-    audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
-    audio_input = audio.get("input") if isinstance(audio.get("input"), dict) else {}
+    session: dict[str, Any] = body["session"] if isinstance(body.get("session"), dict) else {}
+    audio: dict[str, Any] = session["audio"] if isinstance(session.get("audio"), dict) else {}
+    audio_input: dict[str, Any] = audio["input"] if isinstance(audio.get("input"), dict) else {}
     for holder in (session, body.get("input_audio_transcription"), audio_input.get("transcription")):
         if isinstance(holder, dict) and isinstance(holder.get("model"), str):
             return holder["model"]

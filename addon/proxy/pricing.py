@@ -5,9 +5,9 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from typing import Any
 
 from addon.metering.pricing import Pricer, shadowed_snapshots
+from addon.proxy.meter import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 class Pricing:
     """mitmproxy addon: installs a Pricer on the meter, rebuilt when the config changes."""
 
-    def __init__(self, meter: Any) -> None:
+    def __init__(self, meter: UsageMeter) -> None:
         self.meter = meter
 
     def configure(self, updated: set[str]) -> None:

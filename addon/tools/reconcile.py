@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal
 
 from addon import config as config_mod
 from addon.ledger.windows import iso_utc
@@ -279,6 +279,7 @@ def print_table(rows: list[dict[str, Any]], file=None) -> None:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
+    justify: Literal["left", "right"]
     for name, justify in (("day", "left"), ("model", "left"), ("OpenAI req", "right"), ("proxy req", "right"),
                           ("OpenAI tokens", "right"), ("proxy tokens", "right"), ("not via proxy", "right"),
                           ("OpenAI $", "right"), ("proxy $", "right"), ("$ not via proxy", "right")):

@@ -74,7 +74,7 @@ def update_totals(conn: sqlite3.Connection, totals: Totals, now: datetime, tz: Z
         totals.last_id = 0
         totals.day = day
         totals.computed_at = time.monotonic()
-    params = {f"p{i}": totals.bounds[p] for i, p in enumerate(PERIODS)}
+    params: dict[str, str | int] = {f"p{i}": totals.bounds[p] for i, p in enumerate(PERIODS)}
     params["last"] = totals.last_id
     row = conn.execute(_totals_sql(not full), params).fetchone()
     if row[0] is None:
@@ -234,7 +234,9 @@ def render(snap: Snapshot, db_name: str, height: int):
             amount = f"{_tokens(pool.used)} / {_tokens(pool.limit)}"
         else:
             bar, percent, amount = Text("track only", style="dim"), "", _tokens(pool.used)
-        resets = f"in {_duration((pool.resets_at - snap.now).total_seconds())}" if pool.resets_at else pool.window
+        resets: str | Text = pool.window
+        if pool.resets_at:
+            resets = f"in {_duration((pool.resets_at - snap.now).total_seconds())}"
         if pool.exhausted_at is not None:  # the forecast: out before the reset at the last hour's pace
             resets = Text(f"out {_duration((pool.exhausted_at - snap.now).total_seconds())}", style="red")
         gauges.add_row(name, bar, percent, amount, resets)
