@@ -166,3 +166,50 @@ def test_status_and_reset_through_redis(make_proxy, tmp_path, redis_server):
     done = cli("reset", "premium", "--note", "test")
     assert done.returncode == 0, done.stderr
     assert ask(proxies[1].client(max_retries=0)).usage.total_tokens > 0
+
+
+def test_redis_restarted_under_load_loses_and_duplicates_nothing(make_proxy, tmp_path, redis_server):
+    """Traffic goes on while Redis stops and comes back empty: every call is answered and recorded once,
+    in the local database and, once Redis is back, in the central one."""
+    from test_redis_rows import collect_once, count
+
+    config = write_config(tmp_path, 10_000_000, '[pools.tracked]\nmodels = ["gpt-4.1-nano"]\n')
+    proxy = make_proxy(options={"usage_config": config, "usage_redis": redis_server.url})
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic(model: str) -> None:
+        client = proxy.client(max_retries=0)
+        while not stop.is_set():
+            try:
+                ask(client, model=model)
+                statuses.append(200)
+            except openai.APIStatusError as exc:
+                statuses.append(exc.status_code)
+
+    threads = [threading.Thread(target=traffic, args=(m,)) for m in ("gpt-4o", "gpt-4.1-nano", "gpt-4o")]
+    central = tmp_path / "central.db"
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    assert collect_once(central, redis_server.url).returncode == 0  # the collector took what was there
+    redis_server.stop()
+    time.sleep(2.0)
+    redis_server.start()  # empty: no persistence
+    time.sleep(2.5)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) > 20
+    assert wait_for(lambda: len(proxy.rows()) == len(statuses))
+    assert len(proxy.rows("outcome = 'ok'")) == statuses.count(200)
+    # The rows the lost stream held are published again (the last 24 h); the collector keeps each once.
+    stream = redis_server.client()
+    assert wait_for(lambda: stream.xlen("usage:rows") >= len(statuses), timeout=20), proxy.log()
+    assert "publishing the rows of the last 24 hours again" in proxy.log()
+    assert collect_once(central, redis_server.url).returncode == 0
+    conn = sqlite3.connect(central)
+    got = conn.execute("select count(*), count(distinct uid) from requests").fetchone()
+    conn.close()
+    assert got == (len(statuses), len(statuses))  # nothing lost, nothing twice
+    assert count(central) == len(proxy.rows())

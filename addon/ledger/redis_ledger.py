@@ -525,7 +525,7 @@ class RedisLedger:
             live, self._live = list(self._live), {}
         for owner in live:
             self.give_back(None, 0, owner)
-        self.flush()
+        self.flush(timeout=3.0)  # Redis away: they expire on their own
 
     def add_reset(self, pool: str, key_id: str | None = None, note: str | None = None) -> str:
         """Usage so far no longer counts: new counters for the pool (or key), for every proxy."""

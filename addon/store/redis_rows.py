@@ -23,12 +23,14 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from addon.ledger.windows import iso_utc, utc_now
 from addon.store import schema
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ STREAM_MAXLEN = 1_000_000
 PUBLISH_BATCH = 500
 PUBLISH_INTERVAL = 1.0  # seconds between looks at the local database
 PASSWORD_ENV = "USAGE_REDIS_PASSWORD"
+REPUBLISH_HOURS = 24  # after Redis lost its data, rows of this many hours are published again
 
 
 def redacted(url: str) -> str:
@@ -109,18 +112,33 @@ def entry_for(row: dict[str, Any], origin: str) -> dict[str, str]:
 
 def publish_pending(db: schema.sqlite_utils.Database, client: redis.Redis, *, batch: int = PUBLISH_BATCH,
                     maxlen: int = STREAM_MAXLEN) -> int:
-    """Publish every row committed since the cursor; return how many were published."""
+    """Publish every row committed since the cursor; return how many were published.
+
+    A Redis that lost its data (restarted without persistence) lost the rows
+    no collector had taken yet: the rows of the last REPUBLISH_HOURS are sent
+    again (the collector ignores those it has, by uid).
+    """
     last_id, origin = outbox_cursor(db)
+    marker = f"usage:outbox:{origin}"
+    if last_id and not client.exists(marker):
+        since = iso_utc(utc_now() - timedelta(hours=REPUBLISH_HOURS))
+        (first,) = db.execute("SELECT MIN(id) FROM requests WHERE ts >= ?", [since]).fetchone()
+        if first is not None and first <= last_id:
+            log.warning("usage: Redis lost the rows it held; publishing the rows of the last %d hours again",
+                        REPUBLISH_HOURS)
+            last_id = first - 1
     published = 0
     while True:
         cursor = db.execute("SELECT * FROM requests WHERE id > ? ORDER BY id LIMIT ?", [last_id, batch])
         names = [d[0] for d in cursor.description]
         rows = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
         if not rows:
+            client.set(marker, last_id)
             return published
         pipe = client.pipeline(transaction=False)
         for row in rows:
             pipe.xadd(STREAM, entry_for(row, origin), maxlen=maxlen, approximate=True)
+        pipe.set(marker, rows[-1]["id"])
         pipe.execute()
         last_id = rows[-1]["id"]
         with db.conn:
