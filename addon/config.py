@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -92,6 +92,35 @@ class Price:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuedKeysSettings:
+    """[issued_keys]: per-user keys the proxy swaps for one upstream key."""
+
+    enabled: bool = False
+    upstream_key_env: str = "OPENAI_API_KEY"
+    prefix: str = "sk-usr-"
+    require: bool = False  # refuse requests that carry no issued key at all
+    self_service: bool = False  # Datasette's /-/keys page lets anyone who reaches it create a key (intranets)
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> IssuedKeysSettings:
+        known = {f.name: f.default for f in fields(cls)}
+        unknown = set(raw) - set(known)
+        if unknown:
+            raise ValueError(f"[issued_keys]: unknown setting {sorted(unknown)[0]!r} "
+                             f"(known: {', '.join(sorted(known))})")
+        values = {**known, **raw}
+        for name in ("enabled", "require", "self_service"):
+            if not isinstance(values[name], bool):
+                raise ValueError(f"[issued_keys]: {name} must be true or false")
+        for name in ("upstream_key_env", "prefix"):
+            if not isinstance(values[name], str) or not values[name].strip():
+                raise ValueError(f"[issued_keys]: {name} must be a non-empty string")
+        if len(values["prefix"]) > 20:
+            raise ValueError("[issued_keys]: prefix must be at most 20 characters")
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     timezone: ZoneInfo
@@ -101,7 +130,7 @@ class Config:
     webhook: str | None = None
     prices: dict[str, Price] = field(default_factory=dict)
     estimate_output_tokens: int = 1024
-    issued_keys: dict[str, Any] = field(default_factory=dict)
+    issued_keys: IssuedKeysSettings = field(default_factory=IssuedKeysSettings)
     forecast_alerts: bool = False  # [alerts] forecast: alert when a pool is on pace to run out before its reset
     # Input assumed for the previous context of a continuation whose previous
     # response this database never recorded (see addon/ledger/estimate.py).
@@ -129,6 +158,26 @@ def load(path: str | Path | None = None) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
     return parse(text, path)
+
+
+_shared: tuple[tuple[str, int, int, int], Config] | None = None
+
+
+def load_shared(path: str | Path | None = None) -> Config:
+    """load() for the addons: on a reload, the first addon that asks reads and validates the
+    file; the others get the same Config (until the file changes)."""
+    global _shared
+    resolved = Path(path) if path else DEFAULT_CONFIG
+    try:
+        st = resolved.stat()
+        key = (str(resolved.resolve()), st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        return load(resolved)  # load() says why it cannot be read
+    if _shared is not None and _shared[0] == key:
+        return _shared[1]
+    config = load(resolved)
+    _shared = (key, config)
+    return config
 
 
 def parse(text: str, path: str | Path = "<config>") -> Config:
@@ -235,9 +284,13 @@ class _Validator:
         estimate = data.get("estimate_output_tokens", 1024)
         if not isinstance(estimate, int) or isinstance(estimate, bool) or estimate < 0:
             raise self.fail("estimate_output_tokens must be a whole number >= 0", "estimate_output_tokens")
-        issued = data.get("issued_keys", {})
-        if not isinstance(issued, dict):
+        issued_table = data.get("issued_keys", {})
+        if not isinstance(issued_table, dict):
             raise self.fail("[issued_keys] must be a table", "issued_keys")
+        try:
+            issued = IssuedKeysSettings.parse(issued_table)
+        except ValueError as exc:
+            raise self.fail(str(exc), "issued_keys") from None
         previous = data.get("estimate_previous_tokens", 8192)
         if not isinstance(previous, int) or isinstance(previous, bool) or previous < 0:
             raise self.fail("estimate_previous_tokens must be a whole number >= 0", "estimate_previous_tokens")

@@ -159,3 +159,26 @@ def test_iso_utc_and_local_day():
     assert iso_utc(datetime(2026, 1, 1, tzinfo=timezone.utc)) == "2026-01-01T00:00:00.000Z"
     assert local_day(instant, ZoneInfo("UTC")) == "2026-11-23"
     assert local_day(instant, ZoneInfo("America/Sao_Paulo")) == "2026-11-22"
+
+
+def test_issued_keys_settings_are_validated_with_the_rest(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[pools.a]\nmodels = []\n\n[issued_keys]\nenabled = true\nprefix = "sk-team-"\n')
+    settings = config.load(path).issued_keys
+    assert settings == config.IssuedKeysSettings(enabled=True, prefix="sk-team-")
+    path.write_text('[pools.a]\nmodels = []\n\n[issued_keys]\nrequire = "yes"\n')
+    with pytest.raises(config.ConfigError, match=r"c\.toml(:\d+)?: \[issued_keys\]: require must be true or false"):
+        config.load(path)
+    assert config.load(ROOT / "addon" / "default-config.toml").issued_keys == config.IssuedKeysSettings()
+
+
+def test_the_addons_share_one_load_per_change_of_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[pools.a]\nmodels = ["gpt-4o"]\nlimit = 100\n')
+    first = config.load_shared(path)
+    assert config.load_shared(str(path)) is first  # a second addon on the same reload
+    path.write_text('[pools.a]\nmodels = ["gpt-4o"]\nlimit = 2000\n')
+    changed = config.load_shared(path)
+    assert changed is not first and changed.pools["a"].limit == 2000
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load_shared(tmp_path / "missing.toml")

@@ -351,7 +351,7 @@ async def create_key(request, datasette):
         return _error(400, "label is required")
     note = body.get("note")
     config = _config()
-    settings = issued_keys.Settings.parse(config.issued_keys if config else {})
+    settings = config.issued_keys if config else config_mod.IssuedKeysSettings()
 
     def write(conn):
         db = sqlite_utils.Database(conn)
@@ -440,7 +440,7 @@ def _page(body: str, status: int = 200) -> Response:
 async def self_service(request, datasette):
     """[issued_keys] self_service = true: anyone who reaches Datasette may create a key for a new label."""
     config = _config()
-    settings = issued_keys.Settings.parse(config.issued_keys if config else {})
+    settings = config.issued_keys if config else config_mod.IssuedKeysSettings()
     if not settings.self_service:
         return _page("<p>Self-service keys are off (<code>[issued_keys] self_service = true</code> turns them "
                      "on).</p>", 404)

@@ -11,7 +11,7 @@ import os
 from addon import config as config_mod
 from addon.metering import wire
 from addon.proxy.meter import UsageMeter
-from addon.store.issued_keys import KeyCache, Settings
+from addon.store.issued_keys import KeyCache
 
 
 def error_401(message: str) -> tuple[bytes, dict[str, str]]:
@@ -24,7 +24,7 @@ class IssuedKeys:
 
     def __init__(self, usage_meter: UsageMeter | None = None) -> None:
         self.meter = usage_meter  # for metered_destination(); None: every host
-        self.settings = Settings.parse({})
+        self.settings = config_mod.IssuedKeysSettings()
         self.upstream_key: str | None = None
         self.cache: KeyCache | None = None
 
@@ -33,9 +33,8 @@ class IssuedKeys:
 
         if "usage_config" in updated:
             try:
-                cfg = config_mod.load(ctx.options.usage_config or None)
-                self.settings = Settings.parse(cfg.issued_keys, f"{cfg.path}: [issued_keys]")
-            except (config_mod.ConfigError, ValueError) as exc:
+                self.settings = config_mod.load_shared(ctx.options.usage_config or None).issued_keys
+            except config_mod.ConfigError as exc:
                 raise exceptions.OptionsError(str(exc)) from None
         if self.settings.enabled:
             upstream = os.environ.get(self.settings.upstream_key_env, "").strip()

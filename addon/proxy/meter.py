@@ -132,7 +132,7 @@ class UsageMeter:
             _HANDOVER.clear()
         if "usage_config" in updated or self.config is None:
             try:
-                self.config = config_mod.load(ctx.options.usage_config or None)
+                self.config = config_mod.load_shared(ctx.options.usage_config or None)
             except config_mod.ConfigError as exc:
                 raise exceptions.OptionsError(str(exc)) from None
             self.matcher = PoolMatcher(self.config)

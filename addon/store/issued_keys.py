@@ -29,35 +29,7 @@ from addon.store import schema
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"enabled": False, "upstream_key_env": "OPENAI_API_KEY", "prefix": "sk-usr-", "require": False,
-            "self_service": False}
 REFRESH_INTERVAL = 0.25
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    enabled: bool
-    upstream_key_env: str
-    prefix: str
-    require: bool  # refuse requests that carry no issued key at all
-    self_service: bool = False  # Datasette's /-/keys page lets anyone who reaches it create a key (intranets)
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any], where: str = "[issued_keys]") -> Settings:
-        unknown = set(raw) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"{where}: unknown setting {sorted(unknown)[0]!r} (known: {', '.join(sorted(DEFAULTS))})")
-        values = {**DEFAULTS, **raw}
-        for name in ("enabled", "require", "self_service"):
-            if not isinstance(values[name], bool):
-                raise ValueError(f"{where}: {name} must be true or false")
-        for name in ("upstream_key_env", "prefix"):
-            if not isinstance(values[name], str) or not values[name].strip():
-                raise ValueError(f"{where}: {name} must be a non-empty string")
-        if len(values["prefix"]) > 20:
-            raise ValueError(f"{where}: prefix must be at most 20 characters")
-        return cls(values["enabled"], values["upstream_key_env"], values["prefix"], values["require"],
-                   values["self_service"])
 
 
 def key_hash(key: str) -> str:

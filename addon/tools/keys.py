@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 from addon import config as config_mod
 from addon.store import schema
-from addon.store.issued_keys import Settings, create, load_all, revoke, row_dict
+from addon.store.issued_keys import create, load_all, revoke, row_dict
 from addon.tools.cli import add_common
 
 
@@ -41,11 +41,7 @@ def _open(path: str):
 def _cmd_create(args: argparse.Namespace) -> int:
     prefix = args.prefix
     if prefix is None:
-        cfg = config_mod.load(args.config)
-        try:
-            prefix = Settings.parse(cfg.issued_keys, f"{cfg.path}: [issued_keys]").prefix
-        except ValueError as exc:
-            raise config_mod.ConfigError(str(exc)) from None
+        prefix = config_mod.load(args.config).issued_keys.prefix
     label = args.label.strip()
     if not label:
         print("error: LABEL must not be empty")
