@@ -9,6 +9,7 @@ import time
 import openai
 from conftest import FAKE_KEY
 
+from addon.metering import redact
 from addon.proxy import bodylog
 
 
@@ -96,9 +97,9 @@ def test_unwritable_path_stops_startup(tmp_path, confdir, fake_server):
 def test_redaction_helpers():
     headers = [("Authorization", "Bearer sk-x"), ("Proxy-Authorization", "Basic x"), ("api-key", "k"),
                ("X-Api-Key", "k"), ("Cookie", "a=b"), ("Set-Cookie", "c=d"), ("Content-Type", "application/json")]
-    redacted = bodylog.redact_headers(headers)
+    redacted = redact.redact_headers(headers)
     assert [value for _, value in redacted] == ["[redacted]"] * 6 + ["application/json"]
-    url = bodylog.redact_url("https://x.openai.azure.com/openai/deployments/d/chat?api-version=1&api-key=secret")
+    url = redact.redact_url("https://x.openai.azure.com/openai/deployments/d/chat?api-version=1&api-key=secret")
     assert "secret" not in url and "api-version=1" in url
     assert bodylog.body_fields(b"\xff\xfe", None) == {"body_base64": "//4="}
     assert bodylog.body_fields("é".encode(), "identity") == {"body": "é"}

@@ -27,8 +27,8 @@ from addon.ledger.windows import iso_utc, local_day
 from addon.metering import wire
 from addon.metering.bounded import INLINE_BODY, MAX_DECODED_BODY, BodyReader
 from addon.metering.pools import PoolMatcher
+from addon.metering.redact import redact_url
 from addon.metering.stream_tap import StreamTap
-from addon.proxy.bodylog import redact_url
 from addon.store.writer import Writer
 
 log = logging.getLogger(__name__)
