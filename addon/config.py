@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from addon.ledger.windows import Window
+from addon.windows import Window
 
 DEFAULT_CONFIG = Path(__file__).with_name("default-config.toml")
 DEFAULT_THRESHOLDS = (80.0, 100.0)

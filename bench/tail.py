@@ -116,8 +116,8 @@ def start(name: str, workdir: Path, confdir: Path, fake_port: int,
 
 def prefill(db: Path) -> None:
     """A reset and one row that put the pool at NEAR_USED of its limit, now (running proxies pick it up)."""
-    from addon.ledger.windows import iso_utc, utc_now
     from addon.store import schema
+    from addon.windows import iso_utc, utc_now
 
     database = schema.connect(db)
     schema.migrate(database)

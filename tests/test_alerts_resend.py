@@ -12,7 +12,7 @@ import openai
 import pytest
 from test_enforce_e2e import Receiver, ask, write_config
 
-from addon.ledger.windows import iso_utc
+from addon.windows import iso_utc
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from conftest import MITMDUMP, ROOT, free_port
 
 from addon import config
-from addon.ledger.windows import Window
+from addon.windows import Window
 
 
 def test_bundled_default_reproduces_the_complimentary_program():
@@ -152,7 +152,7 @@ def test_iso_utc_and_local_day():
     from datetime import timedelta
     from zoneinfo import ZoneInfo
 
-    from addon.ledger.windows import iso_utc, local_day
+    from addon.windows import iso_utc, local_day
 
     instant = datetime(2026, 11, 22, 23, 25, 0, 123999, tzinfo=timezone(timedelta(hours=-2)))
     assert iso_utc(instant) == "2026-11-23T01:25:00.123Z"

@@ -1,7 +1,7 @@
 """The JSON API: Datasette canned queries over a database filled through the real proxy.
 
 Every figure is checked against the rows of `requests` (and `alerts`), and the
-window arithmetic of `status` against addon/ledger/windows.py for each window kind
+window arithmetic of `status` against addon/windows.py for each window kind
 and a non-UTC time zone.
 """
 
@@ -21,9 +21,9 @@ from test_datasette_helpers import METADATA, Datasette, publish_pools, run_canne
 
 from addon import config as config_mod
 from addon.datasette import metadata
-from addon.ledger.windows import iso_utc, local_day
 from addon.metering.wire import key_id
 from addon.store import schema
+from addon.windows import iso_utc, local_day
 
 ROOT = Path(__file__).resolve().parent.parent
 OTHER_KEY = "sk-proj-second0123456789abcdefQRST"

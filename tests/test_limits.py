@@ -19,9 +19,9 @@ from addon.ledger.sqlite_ledger import (
     window_rows,
     write_pools,
 )
-from addon.ledger.windows import Window, iso_utc
 from addon.store import schema
 from addon.store.writer import Writer
+from addon.windows import Window, iso_utc
 
 UTC = timezone.utc
 PARIS = ZoneInfo("Europe/Paris")

@@ -26,9 +26,9 @@ from addon import config as config_mod
 from addon.datasette.plugin import register_functions
 from addon.ledger import pool_status
 from addon.ledger.sqlite_ledger import Check, Ledger, write_pools
-from addon.ledger.windows import iso_utc
 from addon.store import schema
 from addon.tools import top
+from addon.windows import iso_utc
 
 KEY = "abc123def456"
 CONFIG = f"""

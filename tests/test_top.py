@@ -12,9 +12,9 @@ from datetime import datetime, timezone
 import pytest
 from conftest import ROOT
 
-from addon.ledger.windows import iso_utc
 from addon.store import schema
 from addon.tools import top
+from addon.windows import iso_utc
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is needed (apt-get install tmux)")
 

@@ -39,9 +39,9 @@ from datasette.utils.asgi import Response
 from addon import config as config_mod
 from addon.ledger import pool_status
 from addon.ledger.sqlite_ledger import record_reset
-from addon.ledger.windows import iso_utc, local_midnight, utc_now
 from addon.store import issued_keys, schema
 from addon.tools import reconcile
+from addon.windows import iso_utc, local_midnight, utc_now
 
 ADMIN_TOKEN_ENV = "USAGE_ADMIN_TOKEN"
 CONFIG_ENV = "USAGE_CONFIG"  # the proxy's config file (python -m addon run passes it); optional

@@ -26,8 +26,8 @@ from typing import Any
 import sqlite_utils
 
 from addon.ledger.sqlite_ledger import window_phrase
-from addon.ledger.windows import iso_utc
 from addon.store import schema
+from addon.windows import iso_utc
 
 log = logging.getLogger(__name__)
 

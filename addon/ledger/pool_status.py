@@ -36,7 +36,7 @@ from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from addon.config import Config
-from addon.ledger.windows import Window, iso_utc
+from addon.windows import Window, iso_utc
 
 PACE_PERIOD = timedelta(hours=1)  # exhausted_at: at the pace of the last hour
 

@@ -49,8 +49,8 @@ from addon.config import Config, Pool
 from addon.ledger import pool_status
 from addon.ledger.estimate import PreviousUsage
 from addon.ledger.sqlite_ledger import RESERVATION_TTL, Check, Decision, PoolStatus, record_reset, write_pools
-from addon.ledger.windows import Window, iso_utc, utc_now
 from addon.store import redis_rows, schema
+from addon.windows import Window, iso_utc, utc_now
 
 log = logging.getLogger(__name__)
 

@@ -48,9 +48,9 @@ from addon.config import Config, Pool
 from addon.ledger import pool_status
 from addon.ledger.estimate import PreviousUsage, estimate
 from addon.ledger.pool_status import PoolStatus, parse_ts
-from addon.ledger.windows import iso_utc, utc_now
 from addon.metering.wire import RequestFacts
 from addon.store import schema
+from addon.windows import iso_utc, utc_now
 
 log = logging.getLogger(__name__)
 

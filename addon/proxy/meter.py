@@ -23,13 +23,13 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addon import config as config_mod
-from addon.ledger.windows import iso_utc, local_day
 from addon.metering import wire
 from addon.metering.bounded import INLINE_BODY, MAX_DECODED_BODY, BodyReader
 from addon.metering.pools import PoolMatcher
 from addon.metering.redact import redact_url
 from addon.metering.stream_tap import StreamTap
 from addon.store.writer import Writer
+from addon.windows import iso_utc, local_day
 
 log = logging.getLogger(__name__)
 

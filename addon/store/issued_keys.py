@@ -23,9 +23,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from addon.ledger.windows import iso_utc
 from addon.metering import wire
 from addon.store import schema
+from addon.windows import iso_utc
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from addon.ledger.windows import iso_utc, utc_now
 from addon.store import schema
+from addon.windows import iso_utc, utc_now
 
 log = logging.getLogger(__name__)
 

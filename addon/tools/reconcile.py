@@ -29,9 +29,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 from addon import config as config_mod
-from addon.ledger.windows import iso_utc
 from addon.metering.pools import PoolMatcher
 from addon.store import schema
+from addon.windows import iso_utc
 
 log = logging.getLogger(__name__)
 

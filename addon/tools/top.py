@@ -26,8 +26,8 @@ from zoneinfo import ZoneInfo
 from addon import config as config_mod
 from addon.ledger import pool_status
 from addon.ledger.pool_status import PoolStatus
-from addon.ledger.windows import Window, iso_utc
 from addon.store import schema
+from addon.windows import Window, iso_utc
 
 FULL_REFRESH = 60.0  # seconds between full recounts of the totals
 POLL = 0.25  # seconds between checks for new rows
