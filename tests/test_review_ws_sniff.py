@@ -28,6 +28,8 @@ SHAPES = {
     # JSON parsers keep the last of repeated keys.
     "repeated-type": lambda body: body.replace('{"type": "response.create"',
                                                '{"type": "conversation.item.create", "type": "response.create"', 1),
+    # The same JSON in a binary frame (a server that decodes either kind of frame acts on it).
+    "binary": lambda body: body.encode(),
 }
 
 
