@@ -64,7 +64,8 @@ class WebSocketMeter:
         message = messages[-1]
         if len(messages) > KEEP_MESSAGES:
             del messages[: -KEEP_MESSAGES // 2]
-        if message.injected or not message.is_text:
+        # A client's binary frame is read too: a server that decodes it as JSON would act on a response.create.
+        if message.injected or not (message.is_text or message.from_client):
             return None
         try:
             if message.from_client:
