@@ -363,7 +363,8 @@ def test_read_routes_follow_datasettes_allow(tmp_path):
         ds.stop()
     open_ds = Datasette(tmp_path / "usage.db", tmp_path / "datasette-open.log")
     try:
-        assert set(open_ds.json("/api/usage")) == {"date", "premium", "mini", "other", "last_updated"}
+        # batch: the implicit pool of issue 13
+        assert set(open_ds.json("/api/usage")) == {"date", "premium", "mini", "other", "batch", "last_updated"}
         assert open_ds.get("/-/keys")[0] == 404  # self-service keys are off by default
     finally:
         open_ds.stop()
