@@ -118,10 +118,13 @@ def test_collector_killed_mid_batch_inserts_nothing_twice(tmp_path, redis_server
     proc = subprocess.Popen([sys.executable, "-m", "addon", "collect", "--redis", redis_server.url,
                              "--db", str(central), "--consumer", "c1"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert wait_for(lambda: central.exists() and count(central) > 0, timeout=60)
-    except sqlite3.OperationalError:
-        pass
+    def landed() -> bool:  # the collector may not have created its table yet
+        try:
+            return central.exists() and count(central) > 0
+        except sqlite3.OperationalError:
+            return False
+
+    assert wait_for(landed, timeout=60)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = count(central)
