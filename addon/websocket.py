@@ -98,10 +98,7 @@ class WebSocketMeter:
     def _client_message(self, flow: http.HTTPFlow, sock: Socket,
                         message) -> Coroutine[Any, Any, None] | None:
         content = message.content
-        kind = ws_events.client_type(content, ws_events.CLIENT_EVENTS)
-        if kind is None:
-            return None
-        kind, obj = ws_events.parse_event(content, kind, ws_events.CLIENT_EVENTS)
+        kind, obj = ws_events.client_event(content, ws_events.CLIENT_EVENTS)
         if kind is None:
             return None
         # A response.create too big to parse (a long context): its top-level keys by a scan, as for HTTP bodies.

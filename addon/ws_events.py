@@ -59,21 +59,21 @@ def protocol_of(path: str) -> str | None:
     return None
 
 
-def client_type(content: bytes, wanted: frozenset[str]) -> str | None:
-    """sniff_type for client frames, which a client may shape to slip past it: a frame whose type the bytes
-    could misstate (leading whitespace, an escape, a second "type" key, which JSON parsers read and upstream
-    obeys) is parsed when it is not too big to parse."""
+def client_event(content: bytes, wanted: frozenset[str]) -> tuple[str | None, dict[str, Any] | None]:
+    """parse_event for client frames, which a client may shape to slip past the sniff: a frame whose type
+    the bytes could misstate (no plain head, an escape, a second "type" key: JSON parsers read them and
+    upstream obeys) is parsed, once, when it is not too big to parse."""
     head = _HEAD_TYPE.match(content)
     if len(content) <= MAX_PARSED_FRAME and (
         head is None or b"\\" in content or content.find(b'"type"', head.end()) >= 0
     ):
         obj = meter.parse_json(content)
         kind = obj.get("type") if isinstance(obj, dict) else None
-        return kind if isinstance(kind, str) and kind in wanted else None
-    if head is not None:
-        kind = head.group(1).decode("ascii")
-        return kind if kind in wanted else None
-    return sniff_type(content, wanted)
+        return (kind, obj) if isinstance(kind, str) and kind in wanted else (None, None)
+    kind = head.group(1).decode("ascii") if head is not None else sniff_type(content, wanted)
+    if kind is None or kind not in wanted:
+        return None, None
+    return parse_event(content, kind, wanted)
 
 
 def sniff_type(content: bytes, wanted: frozenset[str]) -> str | None:

@@ -56,3 +56,15 @@ def test_disguised_response_create_is_limited(make_proxy, fake_server, tmp_path,
     # Every turn is a row (ok or blocked), and upstream served no more than the limit allows (+ one response).
     assert len(rows) == turns
     assert sum(u["total_tokens"] for u in served) - max(u["total_tokens"] for u in served) <= 300
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_client_event_reads_what_json_reads(shape):
+    from addon import ws_events
+
+    body = json.dumps({"type": "response.create", "model": "gpt-5", "input": "hi"})
+    frame = SHAPES[shape](body)
+    kind, obj = ws_events.client_event(frame if isinstance(frame, bytes) else frame.encode(), ws_events.CLIENT_EVENTS)
+    assert kind == "response.create" and obj is not None and obj["model"] == "gpt-5"
+    audio = json.dumps({"type": "input_audio_buffer.append", "audio": "QUJD" * 1000}).encode()
+    assert ws_events.client_event(audio, ws_events.CLIENT_EVENTS) == (None, None)
