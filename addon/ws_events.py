@@ -65,7 +65,7 @@ def client_event(content: bytes, wanted: frozenset[str]) -> tuple[str | None, di
     upstream obeys) is parsed, once, when it is not too big to parse."""
     head = _HEAD_TYPE.match(content)
     if len(content) <= MAX_PARSED_FRAME and (
-        head is None or b"\\" in content or content.find(b'"type"', head.end()) >= 0
+        head is None or b"\\" in content or _may_repeat_type(content, head.end())
     ):
         obj = meter.parse_json(content)
         kind = obj.get("type") if isinstance(obj, dict) else None
@@ -74,6 +74,20 @@ def client_event(content: bytes, wanted: frozenset[str]) -> tuple[str | None, di
     if kind is None or kind not in wanted:
         return None, None
     return parse_event(content, kind, wanted)
+
+
+def _may_repeat_type(content: bytes, start: int, quotes: int = 64) -> bool:
+    """A `"type"` after `start`, or too many strings to tell cheaply. Jumps from quote to quote (memchr):
+    an audio append's megabytes of base64 hold none, where a substring search would read every byte."""
+    at = start
+    for _ in range(quotes):
+        at = content.find(b'"', at)
+        if at < 0:
+            return False
+        if content.startswith(b'type"', at + 1):
+            return True
+        at += 1
+    return True
 
 
 def sniff_type(content: bytes, wanted: frozenset[str]) -> str | None:
