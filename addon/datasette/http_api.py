@@ -45,6 +45,7 @@ from addon.windows import iso_utc, local_midnight, utc_now
 
 ADMIN_TOKEN_ENV = "USAGE_ADMIN_TOKEN"
 CONFIG_ENV = "USAGE_CONFIG"  # the proxy's config file (python -m addon run passes it); optional
+MAX_LABEL, MAX_NOTE = 200, 1000  # an issued key's label (as rows keep it) and note
 REDIS_ENV = "USAGE_REDIS"  # the Redis the proxies share: resets over HTTP reset it too (see README: Several hosts)
 PREFIXES = ("/api/", "/admin/")
 MAX_DAYS = 366
@@ -350,6 +351,8 @@ async def create_key(request, datasette):
     if not label:
         return _error(400, "label is required")
     note = body.get("note")
+    if len(label) > MAX_LABEL or (note is not None and len(str(note)) > MAX_NOTE):
+        return _error(400, f"label is limited to {MAX_LABEL} characters and note to {MAX_NOTE}")
     config = _config()
     settings = config.issued_keys if config else config_mod.IssuedKeysSettings()
 

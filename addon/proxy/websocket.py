@@ -63,7 +63,8 @@ class WebSocketMeter:
         message = messages[-1]
         if len(messages) > KEEP_MESSAGES:
             del messages[: -KEEP_MESSAGES // 2]
-        if message.injected or not message.is_text:
+        # A client's binary frame is read too: a server that decodes it as JSON would act on a response.create.
+        if message.injected or not (message.is_text or message.from_client):
             return None
         try:
             if message.from_client:
@@ -96,10 +97,7 @@ class WebSocketMeter:
     def _client_message(self, flow: http.HTTPFlow, sock: Socket,
                         message) -> Coroutine[Any, Any, None] | None:
         content = message.content
-        kind = ws_events.sniff_type(content, ws_events.CLIENT_EVENTS)
-        if kind is None:
-            return None
-        kind, obj = ws_events.parse_event(content, kind, ws_events.CLIENT_EVENTS)
+        kind, obj = ws_events.client_event(content, ws_events.CLIENT_EVENTS)
         if kind is None:
             return None
         # A response.create too big to parse (a long context): its top-level keys by a scan, as for HTTP bodies.

@@ -323,6 +323,8 @@ def count_once(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
                 if column in row:
                     row[column] = None
             row["error"] = row.get("error") or COUNTED_BEFORE
+            if "cost_status" in row:  # priced before the usage was taken away; reprice says the same
+                row["cost_status"] = "no_usage"
         else:
             seen.add(rid)
 

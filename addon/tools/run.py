@@ -102,8 +102,9 @@ def banner(args: argparse.Namespace) -> str:
         lines += [
             "Point clients at the proxy:",
             f"  export HTTPS_PROXY={proxy}",
-            f"  export SSL_CERT_FILE={ca}        # Python SDK, curl: trust the mitmproxy CA",
-            f"  export NODE_USE_ENV_PROXY=1 NODE_EXTRA_CA_CERTS={ca}   # Node",
+            f"  export SSL_CERT_FILE={ca}        # Python SDK: trust the mitmproxy CA",
+            f"  export CURL_CA_BUNDLE={ca}       # curl",
+            f"  export NODE_EXTRA_CA_CERTS={ca}   # Node: plus undici's EnvHttpProxyAgent on Node 20 (README)",
             f"  export CODEX_CA_CERTIFICATE={ca}   # Codex CLI",
             f"Or without a certificate: python -m addon run --mode reverse:https://api.openai.com, "
             f"then OPENAI_BASE_URL={proxy}/v1",

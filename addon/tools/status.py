@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     status = subparsers.add_parser(
         "status", help="each pool's used / limit / remaining / reset time",
         description="Print each pool's (and each limited key's) usage in its current window, as the proxy counts "
-                    "it (rows of the window; reserved: requests in flight and the proxies' spare lease tokens), and "
+                    "it (rows of the window; reserved: requests in flight; held: the proxies' spare lease tokens), and "
                     "when it runs out at the pace of the last hour. Reads the pools the proxy published to the "
                     "database; --config overrides them.",
     )
@@ -93,8 +93,8 @@ def run_status(args: argparse.Namespace) -> int:
     zones = sorted({s.timezone or "UTC" for s in statuses}) or ["UTC"]
     table = Table(title=f"Pools ({', '.join(zones)})", title_justify="left")
     for column, justify in (("pool", "left"), ("window", "left"), ("limit", "right"), ("used", "right"),
-                            ("reserved", "right"), ("remaining", "right"), ("%", "right"), ("resets at", "left"),
-                            ("runs out at", "left")):
+                            ("reserved", "right"), ("held", "right"), ("remaining", "right"), ("%", "right"),
+                            ("resets at", "left"), ("runs out at", "left")):
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
         name = row["pool"] + (f" / {row['label'] or row['key_id']}" if row["key_id"] else "")
@@ -103,8 +103,8 @@ def run_status(args: argparse.Namespace) -> int:
         pct = f"{row['percentage']:.1f}" if row["percentage"] is not None else "-"
         resets = _local(row["resets_at_local"]) if row["resets_at_local"] else "-"
         runs_out = _local(row["exhausted_at_local"]) if row["exhausted_at_local"] else "-"
-        table.add_row(name, row["window"], limit, f"{row['used']:,}", f"{row['reserved']:,}", remaining, pct, resets,
-                      runs_out)
+        table.add_row(name, row["window"], limit, f"{row['used']:,}", f"{row['reserved']:,}", f"{row['held']:,}",
+                      remaining, pct, resets, runs_out)
     console = Console()
     if not console.is_terminal:
         console = Console(width=140)  # piped: do not squeeze to 80 columns
