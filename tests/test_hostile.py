@@ -153,8 +153,48 @@ def test_stream_tap_forwards_every_byte(parts, strip, encoding):
     got = b"".join(out)
     if not strip or (tap.meter.usage is None and b'"usage":null' not in sent):
         assert got == sent
-    else:  # only the usage-only chunk the proxy asked for, and "usage":null keys, may be cut out
-        assert len(got) <= len(sent)
+    else:  # only the usage-only chunk the proxy asked for, and "usage":null keys, may be cut out:
+        assert _is_subsequence(got, sent)  # bytes removed, none added or reordered (exact: the test below)
+
+
+def _is_subsequence(small: bytes, big: bytes) -> bool:
+    it = iter(big)
+    return all(byte in it for byte in small)
+
+
+def _chunk(delta: str | None, usage: dict | None, include_null: bool) -> bytes:
+    body: dict = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+                  "choices": [] if delta is None else [{"index": 0, "delta": {"content": delta}}]}
+    if usage is not None:
+        body["usage"] = usage
+    elif include_null:
+        body["usage"] = None
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=12), max_size=8), st.booleans(), st.booleans(),
+       st.lists(st.integers(min_value=0, max_value=4000), max_size=12))
+def test_stream_tap_strips_exactly_what_the_proxy_added(deltas, null_keys, comment, cuts):
+    """With include_usage injected, the client gets upstream's stream as if it had not been asked for:
+    every content chunk without its "usage":null, no usage-only chunk, everything else byte for byte."""
+    usage = {"prompt_tokens": 9, "completion_tokens": len(deltas), "total_tokens": 9 + len(deltas)}
+    events = [(_chunk(d, None, include_null=null_keys), _chunk(d, None, include_null=False)) for d in deltas]
+    if comment:
+        events.insert(len(events) // 2, (b": keep-alive\n\n", b": keep-alive\n\n"))
+    events.append((_chunk(None, usage, include_null=False), b""))  # the usage-only chunk: the proxy's own
+    events.append((b"data: [DONE]\n\n", b"data: [DONE]\n\n"))
+    sent = b"".join(raw for raw, _ in events)
+    expected = b"".join(out for _, out in events)
+    points = sorted({c % (len(sent) + 1) for c in cuts})
+    parts = [sent[a:b] for a, b in zip([0, *points], [*points, len(sent)], strict=True)]
+    tap = StreamTap(True, None, max_buffer=1 << 20)
+    out = []
+    for part in [*parts, b""]:
+        result = tap(part)
+        out.extend(result if isinstance(result, list) else [result])
+    assert b"".join(out) == expected
+    assert tap.meter.usage is not None and tap.meter.usage.total_tokens == usage["total_tokens"]
 
 
 @settings(max_examples=500, deadline=None)
