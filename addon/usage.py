@@ -11,23 +11,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from addon.proxy.bodylog import BodyLog  # noqa: E402
-from addon.proxy.exposure import ExposureWarning  # noqa: E402
-from addon.proxy.intercept import InterceptOnlyMetered  # noqa: E402
-from addon.proxy.issued_keys import IssuedKeys  # noqa: E402
-from addon.proxy.limits import Limits  # noqa: E402
-from addon.proxy.meter import UsageMeter  # noqa: E402
-from addon.proxy.pricing import Pricing  # noqa: E402
-from addon.proxy.redis_rows import RedisRows  # noqa: E402
-from addon.proxy.websocket import WebSocketMeter  # noqa: E402
+from addon.proxy.chain import build  # noqa: E402
 
-meter = UsageMeter()
-limits = Limits(meter)
-# IssuedKeys goes first: it sets the identity the meter records.
-# WebSocketMeter precedes the meter: its done() records responses in flight before the meter closes the writer.
-# Limits comes right after the meter, whose request hook classifies the call.
-# Pricing follows the meter: it prices rows with the meter's freshly loaded config.
-# InterceptOnlyMetered decides at the TLS handshake, before any request.
-issued = IssuedKeys(meter)
-addons = [InterceptOnlyMetered(meter), issued, WebSocketMeter(meter, limits), meter, Pricing(meter), limits,
-          BodyLog(meter), ExposureWarning(issued), RedisRows()]
+# The order of the addons matters; addon/proxy/chain.py builds and checks it.
+addons = build()

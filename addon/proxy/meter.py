@@ -14,12 +14,13 @@ import json
 import logging
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
+import sqlite_utils
 from mitmproxy import ctx, exceptions, http
 
 from addon import config as config_mod
@@ -92,6 +93,19 @@ class Call:
     transport: str | None = None  # "websocket" for upgrades and the responses of a socket; else from `streamed`
 
 
+class RowListener(Protocol):
+    """An addon that follows the meter's rows (the Limits addon: reservations settle with them)."""
+
+    def on_row(self, call: Call, row: dict[str, Any]) -> None:
+        """A row is complete (event loop), before it goes to the writer."""
+
+    def on_committed(self, rows: list[dict[str, Any]]) -> None:
+        """Rows are in the database (writer thread)."""
+
+    def on_dropped(self, rows: list[dict[str, Any]]) -> None:
+        """Rows the writer gave up (writer thread): release what they held."""
+
+
 class UsageMeter:
     """Records every call to the metered hosts as one row in `requests`."""
 
@@ -101,9 +115,8 @@ class UsageMeter:
         self.writer: Writer | None = None
         self.hosts: list[str] = []
         self.calls: dict[str, Call] = {}
-        self.listeners: list[Any] = []  # objects with on_row(call, row) (enforcement, alerts)
-        self.prepare_rows: Any = None  # set by the pricing addon
-        self.after_commit: Any = None
+        self.listeners: list[RowListener] = []  # the Limits addon
+        self.prepare_rows: Callable[[list[dict[str, Any]]], None] | None = None  # the Pricing addon's Pricer
         self.max_sse_buffer = 16 * 1024 * 1024
         self.stopped = False  # done() ran: the writer is closed
         self.reloading = False  # done() ran for a script reload: flows in flight went to the next instance
@@ -159,17 +172,11 @@ class UsageMeter:
     def _dropped(self, rows: list[dict[str, Any]]) -> None:
         """Rows the writer had to give up (writer thread): listeners release what they held."""
         for listener in self.listeners:
-            on_dropped = getattr(listener, "on_dropped", None)
-            if on_dropped is not None:
-                on_dropped(rows)
+            listener.on_dropped(rows)
 
-    def _after_commit(self, db, rows) -> None:
-        if self.after_commit is not None:
-            self.after_commit(db, rows)
+    def _after_commit(self, db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
         for listener in self.listeners:
-            on_committed = getattr(listener, "on_committed", None)
-            if on_committed is not None:
-                on_committed(rows)
+            listener.on_committed(rows)
 
     def done(self) -> None:
         should_exit = getattr(getattr(ctx, "master", None), "should_exit", None)
