@@ -147,7 +147,7 @@ def add_row(db, ts: datetime, pool: str, tokens: int, key_id: str | None = None,
             reservation: tuple[int, int, str] | None = None):
     row = {"ts": iso_utc(ts), "pool": pool, "total_tokens": tokens, "key_id": key_id, "outcome": "ok"}
     if reservation:
-        row["_reservation"] = reservation
+        row["_reservation"] = schema.Reservation(*reservation)
     with db.conn:
         schema.insert_rows(db, [row])
 
@@ -473,7 +473,8 @@ def test_writer_keeps_reservations_of_rows_it_has_to_clean(setup, tmp_path):
     writer = Writer(ledger.path)
     try:
         writer.put({"ts": iso_utc(clock.now), "pool": "big", "total_tokens": 10, "outcome": "ok",
-                    "user_agent": "bad \udcff agent", "_reservation": (first.reservation, 1000, first.owner)})
+                    "user_agent": "bad \udcff agent",
+                    "_reservation": schema.Reservation(first.reservation, 1000, first.owner)})
         assert writer.flush()
     finally:
         writer.close()
@@ -492,14 +493,15 @@ def test_rows_the_writer_drops_give_their_estimate_back(setup, tmp_path):
     def give_back(rows):
         dropped.extend(rows)
         for row in rows:
-            ledger.give_back(*row["_reservation"])
+            held = row["_reservation"]
+            ledger.give_back(held.id, held.tokens, held.owner)
 
     # A directory that does not exist: rows wait in a spool of 2; the rest are dropped.
     writer = Writer(tmp_path / "missing" / "usage.db", spool_limit=2, on_drop=give_back)
     try:
         for decision in [first, *local]:
             writer.put({"ts": iso_utc(clock.now), "pool": "big", "total_tokens": 10, "outcome": "ok",
-                        "_reservation": (decision.reservation, 1000, decision.owner)})
+                        "_reservation": schema.Reservation(decision.reservation, 1000, decision.owner)})
         writer.flush()
     finally:
         writer.close()

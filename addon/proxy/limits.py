@@ -37,6 +37,7 @@ from addon.ledger.sqlite_ledger import (
 )
 from addon.metering.wire import RequestFacts
 from addon.proxy.meter import Call, UsageMeter
+from addon.store.schema import Reservation
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ class Limits:
             if self.ledger is not None and decision.reservation is not None:
                 self.ledger.give_back(decision.reservation, decision.estimate, decision.owner or "")
             return
-        call.extra["reservation"] = (decision.reservation, decision.estimate, decision.owner)
+        call.extra["reservation"] = Reservation(decision.reservation, decision.estimate, decision.owner)
 
     async def _admit(self, call: Call, checks: list[Check], waiter: asyncio.Future[Decision],
                      upgrade: bool) -> Refusal | None:
@@ -418,11 +419,11 @@ class Limits:
         if ledger is None:
             return
         for row in rows:
-            held = row.get("_reservation")
+            held: Reservation | None = row.get("_reservation")
             if held:
-                ledger.give_back(*held)
+                ledger.give_back(held.id, held.tokens, held.owner or "")
                 if row.get("_settled"):
-                    ledger.landed(held[0], held[2], row["_settled"])
+                    ledger.landed(held.id, held.owner or "", row["_settled"])
 
     def on_committed(self, rows: list[dict[str, Any]]) -> None:
         """Rows written (writer thread): settled usage is in the rows now, no longer the lease's to show."""
@@ -432,8 +433,8 @@ class Limits:
         for row in rows:
             settled = row.get("_settled")
             if settled:
-                reservation, _, owner = row["_reservation"]
-                ledger.landed(reservation, owner, settled)
+                held = row["_reservation"]
+                ledger.landed(held.id, held.owner or "", settled)
 
     def on_row(self, call: Call, row: dict[str, Any]) -> None:
         # Settled at once: the request's usage counts against the lease now
@@ -442,15 +443,15 @@ class Limits:
         # what the estimate had too many is spare for the next requests.
         used = row.get("total_tokens") or 0
         self._remember(row, used)
-        reservation = call.extra.get("reservation")
+        reservation: Reservation | None = call.extra.get("reservation")
         if isinstance(self.ledger, RedisLedger):  # counted in Redis now, once per response id across hosts
-            self.ledger.record(row, reservation[2] if reservation else None)
+            self.ledger.record(row, reservation.owner if reservation else None)
             return
         if reservation is None:
             if used and self.ledger is not None and row.get("pool"):
                 self.ledger.unforeseen(row["pool"], used)
             return
-        reservation_id, estimate, owner = reservation
+        reservation_id, estimate, owner = reservation.id, reservation.tokens, reservation.owner
         held = estimate
         ledger = self.ledger
         if ledger is not None and owner is not None:
@@ -462,7 +463,7 @@ class Limits:
                     self.executor.submit(self._pay_debts, ledger)
                 except RuntimeError:
                     pass  # shutting down
-        row["_reservation"] = (reservation_id, held, owner)
+        row["_reservation"] = Reservation(reservation_id, held, owner)
 
     @staticmethod
     def _pay_debts(ledger: Ledger) -> None:

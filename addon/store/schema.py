@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -261,17 +262,31 @@ def migrate(db: sqlite_utils.Database) -> None:
     db.table("requests").create_index(["uid"], index_name="idx_requests_uid", unique=True, if_not_exists=True)
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What an admitted request holds in `reservations` until its row is written.
+
+    It travels from the Limits addon (`Call.extra["reservation"]`) in the row
+    (`row["_reservation"]`, never a column) to the writer, which takes the
+    tokens off the reservation in the transaction that inserts the row.
+    """
+
+    id: int | None  # the reservation row (a ledger's lease)
+    tokens: int  # what the row's request holds of it
+    owner: str | None  # the ledger that owns the row: SQLite reuses the ids of expired rows
+
+
 def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
     """Insert rows in the caller's transaction.
 
-    A row may carry `_reservation`: (reservation id, tokens, owner) of the
+    A row may carry `_reservation`: the Reservation of the
     admission it was counted under. Those tokens leave the reservation in the
     same transaction, so a request's tokens are always counted exactly once,
     as reserved or as used, by every proxy process. (The owner guards against
     a reservation that expired and whose id SQLite gave to another process.)
     """
     count_once(db, rows)
-    released: dict[tuple[int, str], int] = {}
+    released: dict[tuple[int | None, str | None], int] = {}
     private = False
     for row in rows:
         if "uid" not in row:  # kept by a row that waits in the spool and is retried
@@ -279,10 +294,10 @@ def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
         bound_columns(row)
         if "_reservation" in row:
             private = True
-            held = row["_reservation"]
+            held: Reservation | None = row["_reservation"]
             if held:
-                reservation, tokens, owner = held
-                released[(reservation, owner)] = released.get((reservation, owner), 0) + tokens
+                scope = (held.id, held.owner)
+                released[scope] = released.get(scope, 0) + held.tokens
     clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows] if private else rows
     db.table("requests").insert_all(clean, batch_size=500, columns=REQUEST_COLUMNS, ignore=True)
     if released:
