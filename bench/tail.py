@@ -101,7 +101,8 @@ def start(name: str, workdir: Path, confdir: Path, fake_port: int,
         args += ["-s", str(workdir / "stream_sse.py")]
     else:
         db = workdir / f"tail-{name}.db"
-        args += ["-s", str(ROOT / "addon" / "usage.py"), "--set", f"usage_db={db}"]
+        # (a plain-HTTP upstream is refused unless asked for: see usage_plain_http)
+        args += ["-s", str(ROOT / "addon" / "usage.py"), "--set", f"usage_db={db}", "--set", "usage_plain_http=true"]
         if name == "addon-near":
             config = workdir / "near.toml"
             config.write_text(NEAR_CONFIG)

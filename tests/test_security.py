@@ -125,6 +125,28 @@ def test_shared_key_never_leaves_for_a_host_that_is_not_metered(tmp_path, confdi
         proxy.stop()
 
 
+def test_plain_http_metered_only_when_asked_and_never_with_the_shared_key(tmp_path, confdir, attackers):
+    """usage_plain_http=true (a local gateway): plain HTTP to a metered host is metered, and an issued key
+    goes upstream as it is: the shared key never travels in clear."""
+    plain, _ = attackers
+    config = tmp_path / "config.toml"
+    config.write_text(ISSUED_CONFIG)
+    db = tmp_path / "usage.db"
+    key = issue_key(db, config)
+    proxy = start_proxy(tmp_path, confdir, plain.port, db=db,
+                        options={"usage_config": str(config), "usage_plain_http": "true"},
+                        extra_env={"TEST_UPSTREAM_KEY": UPSTREAM})
+    try:
+        with httpx.Client(proxy=proxy.url, timeout=20) as client:
+            answer = client.post(f"http://api.openai.com{CHAT}", json=BODY, headers={"authorization": f"Bearer {key}"})
+        assert answer.status_code == 200, answer.text
+        assert seen_keys(plain) == [f"Bearer {key}"]  # not the shared key
+        rows = proxy.wait_rows(1)
+        assert [(r["host"], r["outcome"]) for r in rows] == [("api.openai.com", "ok")] and rows[0]["total_tokens"]
+    finally:
+        proxy.stop()
+
+
 # ---------------------------------------------------------------------------
 # 2. Plausible usage only
 

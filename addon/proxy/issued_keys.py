@@ -66,6 +66,8 @@ class IssuedKeys:
             return
         if self.meter is not None and self.meter.metered_destination(flow) is None:
             return
+        if flow.request.scheme != "https":  # usage_plain_http: metered, but the shared key never goes in clear
+            return
         headers = flow.request.headers
         key = wire.credential(headers)
         prefix = self.settings.prefix

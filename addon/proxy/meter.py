@@ -138,6 +138,11 @@ class UsageMeter:
             "Comma-separated hosts to meter; wildcards like *.openai.azure.com allowed. "
             "Other traffic passes untouched.",
         )
+        loader.add_option(
+            "usage_plain_http", bool, False,
+            "Meter plain-HTTP requests to usage_hosts instead of refusing them (a local gateway or test "
+            "upstream on a trusted network). Issued keys are still swapped for the shared key over TLS only.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if _HANDOVER and not self.stopped:  # a script reload: meter the flows still in flight
@@ -226,7 +231,7 @@ class UsageMeter:
         (`request` refuses it for metered hosts), so no key is sent in clear.
         """
         request = flow.request
-        if request.scheme != "https":
+        if request.scheme != "https" and not ctx.options.usage_plain_http:
             return None
         host = request.host
         metered = self._host_cache.get(host)
@@ -240,7 +245,8 @@ class UsageMeter:
     def _refuse_plain_http(self, flow: http.HTTPFlow) -> None:
         """A metered host over plain HTTP: the credential would cross the network in clear."""
         request = flow.request
-        if flow.response is not None or request.scheme != "http" or not self.is_metered(request.host):
+        if (flow.response is not None or request.scheme != "http" or ctx.options.usage_plain_http
+                or not self.is_metered(request.host)):
             return
         message = (f"The usage proxy refuses plain HTTP to {request.host}: API keys would travel unencrypted. "
                    f"Use https://{request.host}.")
