@@ -6,6 +6,7 @@ The end-to-end tests drive the same code through mitmdump and real clients; here
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from typing import Any
 
@@ -132,3 +133,22 @@ def test_the_addon_order_is_checked():
         chain.check_order(swapped)
     with pytest.raises(ValueError, match="IssuedKeys must come before UsageMeter"):
         chain.check_order([a for a in addons if not isinstance(a, IssuedKeys)])
+
+
+def test_periodic_ledger_failures_warn_once_per_change_of_state(caplog):
+    limits = Limits(UsageMeter())
+    state = {"fail": True}
+
+    def step() -> None:
+        if state["fail"]:
+            raise OSError("disk I/O error")
+
+    with caplog.at_level(logging.WARNING, logger="addon.proxy.limits"):
+        for _ in range(3):
+            limits._periodic("release_idle", step)
+        state["fail"] = False
+        for _ in range(2):
+            limits._periodic("release_idle", step)
+    messages = [r.getMessage() for r in caplog.records if r.name == "addon.proxy.limits"]
+    assert messages == ["usage: periodic ledger work (release_idle) failed: disk I/O error; retrying quietly",
+                        "usage: periodic ledger work (release_idle) works again"]

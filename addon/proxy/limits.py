@@ -77,6 +77,7 @@ class Limits:
         self._ticker: threading.Thread | None = None
         self._key: tuple | None = None
         self._ticks = 0
+        self._periodic_failing: set[str] = set()  # periodic steps failing now: warned once, once more when they work
         self._failing = False
         # Admissions waiting for the ledger: (checks, estimate, waiter); the
         # estimate is a function of the ledger when it needs a look-up.
@@ -192,10 +193,20 @@ class Limits:
         if self._ticks % int(HEARTBEAT_INTERVAL / TICK_INTERVAL) == 1:
             steps.insert(0, ledger.heartbeat)
         for step in steps:
-            try:
-                step()
-            except Exception as exc:
-                log.debug("usage: ledger tick (%s) failed: %s", step.__name__, exc)
+            self._periodic(step.__name__, step)
+
+    def _periodic(self, name: str, step: Callable[[], object]) -> None:
+        """Run a periodic step (ledger thread); its failures are warned once per change of state."""
+        try:
+            step()
+        except Exception as exc:
+            if name not in self._periodic_failing:
+                self._periodic_failing.add(name)
+                log.warning("usage: periodic ledger work (%s) failed: %s; retrying quietly", name, exc)
+            return
+        if name in self._periodic_failing:
+            self._periodic_failing.discard(name)
+            log.warning("usage: periodic ledger work (%s) works again", name)
 
     def _evaluate_alerts(self) -> None:
         ledger, alerts = self.ledger, self.alerts
@@ -225,10 +236,7 @@ class Limits:
         fresh = [d for d in decisions if not d.admitted and d.check is not None and self.alerts.note_exhausted(
             d.check.pool.name, d.check.key_id, d.window_start)]
         if fresh:  # the first refusal of a window: the pool is at 100%
-            try:
-                self._evaluate_alerts()
-            except Exception as exc:
-                log.debug("usage: alert evaluation failed: %s", exc)
+            self._periodic("_evaluate_alerts", self._evaluate_alerts)
 
     def _resolve(self, outcomes: list[tuple[asyncio.Future, Decision | None, BaseException | None]]) -> None:
         """Hand decisions to the waiting requests (event loop)."""
