@@ -1,4 +1,4 @@
-"""The older tools' HTTP API and the admin routes, served by Datasette (datasette_plugin.py).
+"""The older tools' HTTP API and the admin routes, served by Datasette (datasette/plugin.py).
 
 Their clients change only the base URL to the Datasette port:
 

@@ -2,7 +2,7 @@
 
 The one implementation of "tokens used in the window" and what follows from
 it (reserved, remaining, window_start, resets_at, exhausted_at): the proxy's
-ledger (limits.py), `python -m addon status`, `top`, the Datasette status API
+ledger (sqlite_ledger.py), `python -m addon status`, `top`, the Datasette status API
 (through the SQL function `usage_status_json()` of the plugin) and the HTTP
 API all call `statuses()` here, on whatever connection they hold, inside
 their own read transaction.

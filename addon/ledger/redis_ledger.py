@@ -1,6 +1,6 @@
 """The ledger's shared state in Redis, for proxies on several hosts.
 
-The SQLite ledger (limits.py) shares pools between processes on one file;
+The SQLite ledger (sqlite_ledger.py) shares pools between processes on one file;
 this one shares them between machines. The policy is the same: a request is
 admitted when
 

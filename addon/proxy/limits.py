@@ -447,7 +447,7 @@ class Limits:
     def on_row(self, call: Call, row: dict[str, Any]) -> None:
         # Settled at once: the request's usage counts against the lease now
         # (usage beyond the estimate too), and the writer takes it off the
-        # lease in the transaction that inserts the row (store.insert_rows);
+        # lease in the transaction that inserts the row (store/schema.insert_rows);
         # what the estimate had too many is spare for the next requests.
         used = row.get("total_tokens") or 0
         self._remember(row, used)

@@ -526,7 +526,7 @@ class UsageMeter:
         processing = None
         if call.endpoint.name == "batches":
             # A batch's usage is final, and billed, once the batch is; its
-            # rows are counted once per batch id like responses (store.insert_rows).
+            # rows are counted once per batch id like responses (store/schema.insert_rows).
             processing = "batch"
             if getattr(facts, "status", None) not in BATCH_FINAL_STATUSES:
                 usage = None
