@@ -183,3 +183,14 @@ def make_proxy(tmp_path, confdir, fake_server):
 def proxy(request, make_proxy) -> Proxy:
     """The proxy in regular (HTTPS_PROXY) and reverse (OPENAI_BASE_URL) mode."""
     return make_proxy(mode=request.param)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a loopback port (skipped, with the reason, where Debian's is not installed)."""
+    from redis_server import RedisServer, require_redis
+
+    require_redis()
+    server = RedisServer(free_port(), tmp_path / "redis").start()
+    yield server
+    server.stop()

@@ -11,17 +11,8 @@ import time
 
 import openai
 import pytest
-from conftest import free_port
-from redis_server import RedisServer, require_redis, wait_for
+from redis_server import wait_for
 from test_enforce_e2e import ask, race, write_config
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    require_redis()
-    server = RedisServer(free_port(), tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def premium_used(db) -> int:

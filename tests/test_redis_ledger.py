@@ -9,8 +9,6 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import redis
-from conftest import free_port
-from redis_server import RedisServer, require_redis
 
 from addon import config as config_mod
 from addon.ledger.redis_ledger import RedisLedger
@@ -33,13 +31,6 @@ label = "alice"
 limits = { premium = 500 }
 """
 
-
-@pytest.fixture
-def redis_server(tmp_path):
-    require_redis()
-    server = RedisServer(free_port(), tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -12,19 +12,10 @@ import subprocess
 import sys
 import time
 
-import pytest
 from conftest import ROOT, free_port
-from redis_server import RedisServer, require_redis, wait_for
+from redis_server import wait_for
 
 from addon.store import redis_rows, schema
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    require_redis()
-    server = RedisServer(free_port(), tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def collect_once(db, url) -> subprocess.CompletedProcess:
