@@ -563,7 +563,7 @@ class RedisLedger:
         for entry in entries:
             args += entry
         result = self._rebuild(args=args)
-        if result == 1:
+        if result == 1 and entries:
             log.warning("usage: Redis had lost its counters; added this database's usage of the current windows "
                         "(%d scopes)", len(entries))
         self._contributed = epoch

@@ -72,9 +72,9 @@ def connect(url: str, *, timeout: float = 2.0) -> redis.Redis:
     return redis.Redis.from_url(url, **kwargs)
 
 
-def ping(url: str) -> redis.Redis:
+def ping(url: str, *, timeout: float = 2.0) -> redis.Redis:
     """Connect and check the server answers; raise ConnectionError naming the (redacted) URL otherwise."""
-    client = connect(url)
+    client = connect(url, timeout=timeout)
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -268,7 +268,8 @@ def collect(db_path: str | Path, url: str, *, consumer: str | None = None, once:
     consumer first re-reads what it had read but not acknowledged (a crash),
     then takes over entries another collector left pending for `claim_idle_ms`.
     """
-    client = ping(url)
+    # A blocking read waits block_ms: the socket must wait longer than that.
+    client = ping(url, timeout=block_ms / 1000 + 5)
     ensure_group(client)
     consumer = consumer or socket.gethostname()
     db = schema.connect(db_path)
