@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,24 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Databas
 
 
 def migrate(db: sqlite_utils.Database) -> None:
-    """Create missing tables, columns and indexes. Idempotent."""
+    """Create missing tables, columns and indexes. Idempotent.
+
+    Several processes may migrate one file at once (a proxy starting while a
+    command opens the database): a lost race (the file locked past the busy
+    timeout while it switches to WAL, a column another process has just
+    added) is tried again.
+    """
+    for attempt in range(4):
+        try:
+            _migrate_once(db)
+            return
+        except sqlite3.OperationalError as exc:
+            if attempt == 3 or not ("locked" in str(exc) or "duplicate column" in str(exc)):
+                raise
+            time.sleep(0.25 * (attempt + 1))
+
+
+def _migrate_once(db: sqlite_utils.Database) -> None:
     for name, (columns, pk, indexes) in TABLES.items():
         table = db.table(name)
         if not table.exists():
