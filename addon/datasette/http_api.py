@@ -296,13 +296,18 @@ async def _json_body(request) -> dict[str, Any] | Response:
     return body
 
 
-async def reset_pool(request, datasette):
+async def _admin_post(request) -> dict | Response:
+    """The JSON body of an admin POST, or the Response that refuses it (token, method, body)."""
     refused = _refused(request)
     if refused:
         return refused
     if request.method != "POST":
         return _error(405, "use POST", allow="POST")
-    body = await _json_body(request)
+    return await _json_body(request)
+
+
+async def reset_pool(request, datasette):
+    body = await _admin_post(request)
     if isinstance(body, Response):
         return body
     pool = request.url_vars["pool"]
@@ -339,12 +344,7 @@ async def reset_pool(request, datasette):
 
 
 async def create_key(request, datasette):
-    refused = _refused(request)
-    if refused:
-        return refused
-    if request.method != "POST":
-        return _error(405, "use POST", allow="POST")
-    body = await _json_body(request)
+    body = await _admin_post(request)
     if isinstance(body, Response):
         return body
     label = str(body.get("label") or "").strip()
