@@ -15,6 +15,12 @@ from redis_server import wait_for
 from test_enforce_e2e import ask, race, write_config
 
 
+def hosts(make_proxy, tmp_path, redis_server, config: str, count: int) -> list:
+    """`count` proxies with databases of their own (hosts), sharing pools through one Redis."""
+    return [make_proxy(db=tmp_path / f"host{i}.db", options={"usage_config": config, "usage_redis": redis_server.url})
+            for i in range(count)]
+
+
 def premium_used(db) -> int:
     conn = sqlite3.connect(db)
     try:
@@ -27,9 +33,7 @@ def premium_used(db) -> int:
 def test_three_hosts_24_clients_share_one_pool(make_proxy, tmp_path, redis_server, capsys):
     limit = 6000  # as the one-host race in test_enforce_e2e (separate databases let 8,901 through 3,000 before)
     config = write_config(tmp_path, limit)
-    proxies = [make_proxy(db=tmp_path / f"host{i}.db", options={"usage_config": config,
-                                                                  "usage_redis": redis_server.url})
-               for i in range(3)]
+    proxies = hosts(make_proxy, tmp_path, redis_server, config, 3)
     results: list[int] = []
     race([proxies[i % 3].client(max_retries=0) for i in range(24)], results)
     assert len(results) == 24
@@ -81,9 +85,7 @@ def _admitted(client) -> bool:
 def test_counters_rebuilt_from_the_rows_after_a_restart_without_persistence(make_proxy, tmp_path, redis_server):
     limit = 2000
     config = write_config(tmp_path, limit)
-    proxies = [make_proxy(db=tmp_path / f"host{i}.db", options={"usage_config": config,
-                                                                  "usage_redis": redis_server.url})
-               for i in range(2)]
+    proxies = hosts(make_proxy, tmp_path, redis_server, config, 2)
     for proxy in proxies:
         for _ in range(3):
             ask(proxy.client(max_retries=0))
@@ -109,20 +111,17 @@ def test_limit_holds_while_requests_run_on_several_hosts(make_proxy, tmp_path, r
     """Back-to-back calls alternating between two hosts never pass the limit by more than one request."""
     limit = 1500
     config = write_config(tmp_path, limit)
-    proxies = [make_proxy(db=tmp_path / f"host{i}.db", options={"usage_config": config,
-                                                                  "usage_redis": redis_server.url})
-               for i in range(2)]
+    proxies = hosts(make_proxy, tmp_path, redis_server, config, 2)
     clients = [p.client(max_retries=0) for p in proxies]
-    admitted = 0
-    stop = threading.Event()
+    admitted, refused = 0, False
     for i in range(60):
         try:
             ask(clients[i % 2])
             admitted += 1
         except openai.RateLimitError:
-            stop.set()
+            refused = True
             break
-    assert stop.is_set() and admitted > 3
+    assert refused and admitted > 3
     used = sum(premium_used(p.db) for p in proxies)
     size = max(r["total_tokens"] for p in proxies for r in p.rows("outcome = 'ok'"))
     assert used <= limit + size
@@ -138,9 +137,7 @@ def test_status_and_reset_through_redis(make_proxy, tmp_path, redis_server):
 
     limit = 1000
     config = write_config(tmp_path, limit)
-    proxies = [make_proxy(db=tmp_path / f"host{i}.db", options={"usage_config": config,
-                                                                  "usage_redis": redis_server.url})
-               for i in range(2)]
+    proxies = hosts(make_proxy, tmp_path, redis_server, config, 2)
     with pytest.raises(openai.RateLimitError):
         for i in range(40):
             ask(proxies[i % 2].client(max_retries=0))

@@ -374,15 +374,9 @@ class RedisLedger:
         return f"{self.process}#{self._seq}"
 
     # -- settlement (event loop: queued, never waits) --------------------
-    shared = True  # rows count in Redis when they are recorded (record), not when they land in SQLite
-
     def give_back(self, reservation: Any, estimate: int, owner: str) -> None:
         """An admitted request that will never be recorded: its reservation goes."""
         self._queue(Settlement(owner, 0, "", self._reserved_scopes(owner)))
-
-    def settle(self, reservation: Any, owner: str, estimate: int, used: int) -> int:
-        """(For the SQLite ledger's interface: in Redis, `record` settles a row at once.)"""
-        return used
 
     def record(self, row: dict[str, Any], owner: str | None) -> None:
         """A finished call's row: its reservation goes and its tokens count in its pool and key, at once,
@@ -486,12 +480,6 @@ class RedisLedger:
     # The SQLite ledger's lease bookkeeping has no counterpart here.
     def landed(self, reservation: Any, owner: str, used: int) -> None:
         pass
-
-    def unforeseen(self, pool: str, used: int) -> None:
-        pass
-
-    def has_debt(self) -> bool:
-        return False
 
     def give_up_crossed(self) -> None:
         pass
