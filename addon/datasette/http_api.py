@@ -323,11 +323,8 @@ async def reset_pool(request, datasette):
             from addon.ledger.redis_ledger import reset_shared
             from addon.store.redis_rows import ping
 
-            client = ping(shared)
-            try:
+            with ping(shared) as client:
                 reset_shared(client, pool, key_id)
-            finally:
-                client.close()
 
         try:
             await asyncio.to_thread(reset_in_redis)

@@ -128,11 +128,8 @@ def run_reset(args: argparse.Namespace) -> int:
             from addon.ledger.redis_ledger import reset_shared
             from addon.store.redis_rows import ping
 
-            client = ping(args.redis)
-            try:
+            with ping(args.redis) as client:
                 reset_shared(client, args.pool, args.key_id)
-            finally:
-                client.close()
         with db.conn:
             stamp = record_reset(db.conn, args.pool, args.key_id, args.note, utc_now())
     finally:
@@ -146,8 +143,5 @@ def _shared_statuses(url: str, scopes: list[pool_status.Scope]) -> list[PoolStat
     from addon.ledger.redis_ledger import shared_statuses
     from addon.store.redis_rows import ping
 
-    client = ping(url)
-    try:
+    with ping(url) as client:
         return shared_statuses(client, scopes, utc_now())
-    finally:
-        client.close()
