@@ -254,6 +254,38 @@ SELECT pool, series, replace(time, ' ', 'T') AS time, tokens, lim AS "limit",
   FROM points
  ORDER BY pool, series, time"""
 
+def _share_bars(title: str, query: str, *, category: str, step: int, x_title: str, label: str,
+                tooltip: list[str | dict[str, str]], bar: dict[str, Any]) -> dict[str, Any]:
+    """Horizontal bars of `percentage` (0-100) per `category`, each labelled at its end."""
+    fields = {"used": "quantitative", "limit": "quantitative", "reserved": "quantitative",
+              "percentage": "quantitative", "resets_at": "nominal"}
+    tips: list[dict[str, str]] = [{"field": category, "type": "nominal"}]
+    for tip in tooltip:
+        if isinstance(tip, dict):
+            tips.append(tip)
+        else:
+            tips.append({"field": tip, "type": fields[tip]} | ({"format": ","} if tip in ("used", "limit", "reserved")
+                                                                else {}))
+    return {
+        "title": title,
+        "db": DB,
+        "query": query,
+        "library": "vega-lite",
+        "display": {
+            "height": {"step": step},
+            "transform": [{"calculate": label, "as": "label"}],
+            "encoding": {
+                "y": {"field": category, "type": "nominal", "title": None},
+                "x": {"field": "percentage", "type": "quantitative", "title": x_title,
+                      "scale": {"domain": [0, 100], "clamp": True}},
+                "tooltip": tips,
+            },
+            "layer": [bar, {"mark": {"type": "text", "align": "left", "dx": 4},
+                            "encoding": {"text": {"field": "label", "type": "nominal"}}}],
+        },
+    }
+
+
 _TODAY_TOOLTIP = [
     {"field": "pool", "type": "nominal"},
     {"field": "series", "type": "nominal"},
@@ -303,47 +335,17 @@ DASHBOARD: dict[str, Any] = {
         "cost-today": _metric("printf('%.4f', coalesce(sum(cost_usd), 0))", "Cost today", prefix="$"),
         "requests-today": _metric("count(*)", "Requests today"),
         "blocked-today": _metric("coalesce(sum(outcome = 'blocked'), 0)", "Blocked today"),
-        "pools-today": {
-            "title": "Pools: share of the limit used in the current window",
-            "db": DB,
-            "query": f"""SELECT * FROM ({STATUS}) WHERE "limit" IS NOT NULL""",
-            "library": "vega-lite",
-            "display": {
-                "height": {"step": 36},
-                "transform": [{"calculate": "format(datum.percentage, '.1f') + '% of ' + format(datum.limit, ',')",
-                               "as": "label"}],
-                "encoding": {
-                    "y": {"field": "pool", "type": "nominal", "title": None},
-                    "x": {"field": "percentage", "type": "quantitative", "title": "% of limit",
-                          "scale": {"domain": [0, 100], "clamp": True}},
-                    "tooltip": [
-                        {"field": "pool", "type": "nominal"},
-                        {"field": "used", "type": "quantitative", "format": ","},
-                        {"field": "limit", "type": "quantitative", "format": ","},
-                        {"field": "percentage", "type": "quantitative"},
-                        {"field": "resets_at", "type": "nominal"},
-                    ],
-                },
-                "layer": [
-                    {
-                        "mark": {"type": "bar", "tooltip": True},
-                        "encoding": {
-                            "color": {
-                                "condition": [
-                                    {"test": "datum.percentage >= 100", "value": "#d62728"},
-                                    {"test": "datum.percentage >= 80", "value": "#ff7f0e"},
-                                ],
-                                "value": "#4c78a8",
-                            }
-                        },
-                    },
-                    {
-                        "mark": {"type": "text", "align": "left", "dx": 4},
-                        "encoding": {"text": {"field": "label", "type": "nominal"}},
-                    },
-                ],
-            },
-        },
+        "pools-today": _share_bars(
+            "Pools: share of the limit used in the current window",
+            f"""SELECT * FROM ({STATUS}) WHERE "limit" IS NOT NULL""",
+            category="pool", step=36, x_title="% of limit",
+            label="format(datum.percentage, '.1f') + '% of ' + format(datum.limit, ',')",
+            tooltip=["used", "limit", "percentage", "resets_at"],
+            bar={"mark": {"type": "bar", "tooltip": True},
+                 "encoding": {"color": {"condition": [{"test": "datum.percentage >= 100", "value": "#d62728"},
+                                                      {"test": "datum.percentage >= 80", "value": "#ff7f0e"}],
+                                        "value": "#4c78a8"}}},
+        ),
         "today-by-hour": {
             "title": "Today by hour: each pool's use of its limit (day, week and month pools), and where it is "
                      "heading at the last hour's pace (dashed, to where it runs out)",
@@ -378,36 +380,15 @@ DASHBOARD: dict[str, Any] = {
                 ],
             },
         },
-        "key-limits": {
-            "title": "Keys with their own limits: share used in the current window",
-            "db": DB,
-            "query": KEY_LIMITS_PANEL,
-            "library": "vega-lite",
-            "display": {
-                "height": {"step": 30},
-                "transform": [{"calculate": "format(datum.used, ',') + ' of ' + format(datum.limit, ',')",
-                               "as": "label"}],
-                "encoding": {
-                    "y": {"field": "scope", "type": "nominal", "title": None},
-                    "x": {"field": "percentage", "type": "quantitative", "title": "% of the key's limit",
-                          "scale": {"domain": [0, 100], "clamp": True}},
-                    "tooltip": [
-                        {"field": "scope", "type": "nominal"},
-                        {"field": "used", "type": "quantitative", "format": ","},
-                        {"field": "limit", "type": "quantitative", "format": ","},
-                        {"field": "reserved", "type": "quantitative", "format": ","},
-                        {"field": "percentage", "type": "quantitative"},
-                        {"field": "resets_at", "type": "nominal"},
-                        {"field": "exhausted_at", "type": "nominal", "title": "runs out at (UTC)"},
-                    ],
-                },
-                "layer": [
-                    {"mark": {"type": "bar", "tooltip": True, "color": "#72b7b2"}},
-                    {"mark": {"type": "text", "align": "left", "dx": 4},
-                     "encoding": {"text": {"field": "label", "type": "nominal"}}},
-                ],
-            },
-        },
+        "key-limits": _share_bars(
+            "Keys with their own limits: share used in the current window",
+            KEY_LIMITS_PANEL,
+            category="scope", step=30, x_title="% of the key's limit",
+            label="format(datum.used, ',') + ' of ' + format(datum.limit, ',')",
+            tooltip=["used", "limit", "reserved", "percentage", "resets_at",
+                     {"field": "exhausted_at", "type": "nominal", "title": "runs out at (UTC)"}],
+            bar={"mark": {"type": "bar", "tooltip": True, "color": "#72b7b2"}},
+        ),
         "cost-by-user": {
             "title": "Cost by user per day (USD)",
             "db": DB,
