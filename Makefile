@@ -44,9 +44,9 @@ bench: install
 	$(PY) bench/redis_scenario.py $(REDIS_BENCH_ARGS)
 	@if [ -f bench/soak.py ]; then $(PY) bench/soak.py $(SOAK_ARGS); fi
 
+# The same checks as `make test` runs before the suite (the code is formatted by hand, not by ruff format).
 lint: install
 	$(PY) -m ruff check addon tests bench
-	$(PY) -m ruff format --check addon tests bench
 	$(PY) -m mypy
 
 clean:
