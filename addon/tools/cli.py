@@ -91,7 +91,7 @@ class Duration(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-@click.group(cls=Group, context_settings=CONTEXT, invoke_without_command=True,
+@click.group("openai-usage-meter", cls=Group, context_settings=CONTEXT, invoke_without_command=True,
              help="Meter OpenAI API traffic through mitmproxy.")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
