@@ -394,3 +394,21 @@ def test_expected_failures_exit_1_and_ctrl_c_130(runner):
     assert runner.invoke(group, ["three"]).exit_code == 3
     bug = runner.invoke(group, ["bug"])
     assert isinstance(bug.exception, RuntimeError)  # a bug keeps its traceback
+
+
+def test_the_readme_documents_every_option():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    missing = []
+    for path in COMMANDS:
+        command: click.Command = cli
+        for name in path:
+            assert isinstance(command, click.Group)
+            command = command.commands[name]
+        for param in command.params:
+            names = param.opts if isinstance(param, click.Option) else [param.human_readable_name]
+            if not any(f"`{name}" in section or f" {name}" in section for name in names if name not in ("-h",)):
+                missing.append((" ".join(path), names))
+        if path and f"`{' '.join(path)}" not in section:
+            missing.append((" ".join(path), "the command"))
+    assert not missing
