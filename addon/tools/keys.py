@@ -26,7 +26,10 @@ def create_key(db_path: str, config_path: str | None, label: str, *, prefix: str
         print("error: LABEL must not be empty", file=sys.stderr)
         return 2
     db = _open(db_path)
-    key, row = create(db, label, prefix)
+    try:
+        key, row = create(db, label, prefix)
+    finally:
+        db.conn.close()
     print(key)
     print(f"issued key {row.key_id} for {label!r}; it is shown only this once.", file=sys.stderr)
     return 0
@@ -35,15 +38,18 @@ def create_key(db_path: str, config_path: str | None, label: str, *, prefix: str
 def list_keys(db_path: str, *, as_json: bool = False) -> int:
     """`keys list`: every issued key with today's (UTC) requests and tokens."""
     db = _open(db_path)
-    keys = load_all(db.conn)
-    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    usage = {
-        key_id: (n, tokens)
-        for key_id, n, tokens in db.conn.execute(
-            "select key_id, count(*), coalesce(sum(total_tokens), 0) from requests where ts >= ? group by key_id",
-            (today,),
-        )
-    }
+    try:
+        keys = load_all(db.conn)
+        today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        usage = {
+            key_id: (n, tokens)
+            for key_id, n, tokens in db.conn.execute(
+                "select key_id, count(*), coalesce(sum(total_tokens), 0) from requests where ts >= ? group by key_id",
+                (today,),
+            )
+        }
+    finally:
+        db.conn.close()
     if as_json:
         out = [{**row_dict(k), "requests_today": usage.get(k.key_id, (0, 0))[0],
                 "tokens_today": usage.get(k.key_id, (0, 0))[1]} for k in keys]
@@ -72,7 +78,10 @@ def list_keys(db_path: str, *, as_json: bool = False) -> int:
 def revoke_key(db_path: str, which: str) -> int:
     """`keys revoke WHICH`: revoke the active keys WHICH names; 1 when none does."""
     db = _open(db_path)
-    revoked = revoke(db, which)
+    try:
+        revoked = revoke(db, which)
+    finally:
+        db.conn.close()
     if not revoked:
         print(f"error: no active issued key matches {which!r} (give a key id, a label or the key)", file=sys.stderr)
         return 1

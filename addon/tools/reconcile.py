@@ -332,26 +332,29 @@ def run_reconcile(db_path: str, config_path: str | None = None, *, admin_key: st
     client = Client(key, base_url)
     db = schema.connect(db_path)
     schema.migrate(db)
-    while True:
-        try:
-            usage, costs = fetch(db, client, days=days, width=bucket)
-        except ReconcileError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            if every is None:
-                return 1
-        else:
-            rows = compare(db, days=days, width=bucket)
-            fired = evaluate_alerts(db, config, bucket) if alerts else []
-            if as_json:
-                print(json.dumps({"fetched": {"usage_rows": usage, "cost_rows": costs}, "rows": rows,
-                                  "alerts": [a["message"] for a in fired]}, indent=2), flush=True)
+    try:
+        while True:
+            try:
+                usage, costs = fetch(db, client, days=days, width=bucket)
+            except ReconcileError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                if every is None:
+                    return 1
             else:
-                print(f"{iso_utc(datetime.now(timezone.utc))}  OpenAI usage: {usage} model-buckets, "
-                      f"costs: {costs} line items ({bucket} buckets, last {days} UTC days)")
-                print_table(rows)
-                for alert in fired:
-                    print(f"alert: {alert['message']}")
-                sys.stdout.flush()
-        if every is None:
-            return 0
-        time.sleep(every)
+                rows = compare(db, days=days, width=bucket)
+                fired = evaluate_alerts(db, config, bucket) if alerts else []
+                if as_json:
+                    print(json.dumps({"fetched": {"usage_rows": usage, "cost_rows": costs}, "rows": rows,
+                                      "alerts": [a["message"] for a in fired]}, indent=2), flush=True)
+                else:
+                    print(f"{iso_utc(datetime.now(timezone.utc))}  OpenAI usage: {usage} model-buckets, "
+                          f"costs: {costs} line items ({bucket} buckets, last {days} UTC days)")
+                    print_table(rows)
+                    for alert in fired:
+                        print(f"alert: {alert['message']}")
+                    sys.stdout.flush()
+            if every is None:
+                return 0
+            time.sleep(every)
+    finally:
+        db.conn.close()

@@ -344,7 +344,7 @@ def run_live(reader: Reader, db_name: str, interval: float) -> int:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-# -- command line ---------------------------------------------------------------------------
+# -- the command ---------------------------------------------------------------------------
 def run_top(db_path: str, config_path: str | None = None, *, interval: float = 1.0, once: bool = False) -> int:
     """`top`: the live view on a terminal, else (or with `once`) one screen; 1 without a database."""
     path = Path(db_path)
@@ -358,8 +358,12 @@ def run_top(db_path: str, config_path: str | None = None, *, interval: float = 1
 
         console = Console()
         height = console.size.height if console.is_terminal else 24
-        reader.snapshot(1, 0)  # learn the number of pools
-        snap = reader.snapshot(max(1, height - fixed_lines(reader.pool_count)), 0)
+        try:
+            reader.snapshot(1, 0)  # learn the number of pools
+            snap = reader.snapshot(max(1, height - fixed_lines(reader.pool_count)), 0)
+        finally:
+            if reader.conn is not None:
+                reader.conn.close()
         console.print(render(snap, path.name, height))
         return 0 if snap.error is None else 1
     return run_live(reader, path.name, max(0.2, interval))
