@@ -360,6 +360,13 @@ def test_run_passes_its_options_on(runner, monkeypatch, tmp_path):
     quiet = run_mod.proxy_command(seen[1])
     assert "flow_detail=0" in quiet and "termlog_verbosity=warn" not in quiet
     assert seen[1] == run_mod.RunOptions(mitmdump_args=["--set", "termlog_verbosity=info"])
+    # Options end at `--` or at the first argument that is not one of run's.
+    invoke(runner, "run", "--verbose", "--", "--verbose", "--db", "x.db")
+    assert seen[2] == run_mod.RunOptions(verbose=True, mitmdump_args=["--verbose", "--db", "x.db"])
+    invoke(runner, "run", "--proxy-port", "9080", "upstream", "--set", "a=b")
+    assert seen[3] == run_mod.RunOptions(proxy_port=9080, mitmdump_args=["upstream", "--set", "a=b"])
+    unknown = invoke(runner, "run", "-q")  # before `--`, an option of mitmdump's is a usage error
+    assert unknown.exit_code == 2 and "No such option '-q'" in unknown.stderr and len(seen) == 4
 
 
 def test_run_refuses_a_bad_config_before_starting_anything(runner, tmp_path):

@@ -98,8 +98,9 @@ def cli(ctx: click.Context) -> None:
     _help_without_command(ctx)
 
 
-@cli.command("run", short_help="run the proxy (127.0.0.1:8080) and Datasette "
-             "(127.0.0.1:8001) over one database",
+# Options end at `--` or at the first other argument: from there on everything is mitmdump's (as with argparse).
+@cli.command("run", context_settings={"allow_interspersed_args": False},
+             short_help="run the proxy (127.0.0.1:8080) and Datasette (127.0.0.1:8001) over one database",
              help="Run `mitmdump -s addon/usage.py` and `datasette serve` over the same SQLite database. Arguments "
              "after `--` go to mitmdump, e.g. `-- --set usage_block=kill`.")
 @common_options()
