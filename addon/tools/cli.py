@@ -2,7 +2,9 @@
 
 Every command here only parses its options and calls a plain function of its module
 (`addon.tools.run`, `status`, `reprice`, `top`, `reconcile`, `keys`, `collect`) that does the
-work and returns the exit code; those functions are tested without click.
+work and returns the exit code, so it can be called (and tested) without click. A command that
+returns non-zero exits with that code; expected failures (a bad config, a missing file, an
+unreachable Redis) print `error: ...` and exit 1; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
