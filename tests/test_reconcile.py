@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 import subprocess
@@ -176,5 +175,5 @@ def test_duration_parsing():
     assert reconcile.parse_duration("5m") == 300
     assert reconcile.parse_duration("90") == 90
     assert reconcile.parse_duration("1.5h") == 5400
-    with pytest.raises(argparse.ArgumentTypeError):
+    with pytest.raises(ValueError):
         reconcile.parse_duration("soon")

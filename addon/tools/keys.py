@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from datetime import datetime, timezone
 
 from addon import config as config_mod
 from addon.store import schema
 from addon.store.issued_keys import create, load_all, revoke, row_dict
-from addon.tools.cli import add_common
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("keys", help="issue, list and revoke per-user keys",
-                                   description="Per-user keys: the proxy forwards them with the shared upstream key.")
-    sub = parser.add_subparsers(dest="keys_command", metavar="ACTION")
-    create_p = sub.add_parser("create", help="issue a new key for LABEL (shown once)")
-    create_p.add_argument("label")
-    create_p.add_argument("--prefix", default=None, help="key prefix (default: [issued_keys] prefix or sk-usr-)")
-    add_common(create_p)
-    create_p.set_defaults(func=_cmd_create)
-    list_p = sub.add_parser("list", help="issued keys with today's usage")
-    list_p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_common(list_p, config=False)
-    list_p.set_defaults(func=_cmd_list)
-    revoke_p = sub.add_parser("revoke", help="revoke by key id, label or the key itself (takes effect within ~1 s)")
-    revoke_p.add_argument("which")
-    add_common(revoke_p, config=False)
-    revoke_p.set_defaults(func=_cmd_revoke)
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
 def _open(path: str):
@@ -38,35 +17,40 @@ def _open(path: str):
     return db
 
 
-def _cmd_create(args: argparse.Namespace) -> int:
-    prefix = args.prefix
+def create_key(db_path: str, config_path: str | None, label: str, *, prefix: str | None = None) -> int:
+    """`keys create LABEL`: the new key on stdout (its only appearance), the note on stderr."""
     if prefix is None:
-        prefix = config_mod.load(args.config).issued_keys.prefix
-    label = args.label.strip()
+        prefix = config_mod.load(config_path).issued_keys.prefix
+    label = label.strip()
     if not label:
-        print("error: LABEL must not be empty")
+        print("error: LABEL must not be empty")  # on stdout, as before click (tests/test_issued_keys.py)
         return 2
-    db = _open(args.db)
-    key, row = create(db, label, prefix)
+    db = _open(db_path)
+    try:
+        key, row = create(db, label, prefix)
+    finally:
+        db.conn.close()
     print(key)
-    import sys
-
     print(f"issued key {row.key_id} for {label!r}; it is shown only this once.", file=sys.stderr)
     return 0
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    db = _open(args.db)
-    keys = load_all(db.conn)
-    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    usage = {
-        key_id: (n, tokens)
-        for key_id, n, tokens in db.conn.execute(
-            "select key_id, count(*), coalesce(sum(total_tokens), 0) from requests where ts >= ? group by key_id",
-            (today,),
-        )
-    }
-    if args.json:
+def list_keys(db_path: str, *, as_json: bool = False) -> int:
+    """`keys list`: every issued key with today's (UTC) requests and tokens."""
+    db = _open(db_path)
+    try:
+        keys = load_all(db.conn)
+        today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        usage = {
+            key_id: (n, tokens)
+            for key_id, n, tokens in db.conn.execute(
+                "select key_id, count(*), coalesce(sum(total_tokens), 0) from requests where ts >= ? group by key_id",
+                (today,),
+            )
+        }
+    finally:
+        db.conn.close()
+    if as_json:
         out = [{**row_dict(k), "requests_today": usage.get(k.key_id, (0, 0))[0],
                 "tokens_today": usage.get(k.key_id, (0, 0))[1]} for k in keys]
         for item in out:
@@ -91,11 +75,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_revoke(args: argparse.Namespace) -> int:
-    db = _open(args.db)
-    revoked = revoke(db, args.which)
+def revoke_key(db_path: str, which: str) -> int:
+    """`keys revoke WHICH`: revoke the active keys WHICH names; 1 when none does."""
+    db = _open(db_path)
+    try:
+        revoked = revoke(db, which)
+    finally:
+        db.conn.close()
     if not revoked:
-        print(f"error: no active issued key matches {args.which!r} (give a key id, a label or the key)")
+        print(f"error: no active issued key matches {which!r} (give a key id, a label or the key)")  # stdout, as before
         return 1
     for k in revoked:
         print(f"revoked {k.key_id} ({k.label}, {k.key_hint})")

@@ -14,7 +14,6 @@ polling.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ class ReconcileError(RuntimeError):
 def parse_duration(text: str) -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if not match or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h)")
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h)")
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
@@ -313,61 +312,49 @@ def print_table(rows: list[dict[str, Any]], file=None) -> None:
         console.print("OpenAI's costs agree with the proxy's")
 
 
-# -- command line --------------------------------------------------------------------
-def register(subparsers) -> None:
-    from addon.tools import cli
-
-    parser = subparsers.add_parser(
-        "reconcile", help="compare OpenAI's Usage/Costs API with what the proxy recorded",
-        description="Read the organization Usage and Costs APIs (admin key), store the buckets in openai_usage and "
-                    "openai_costs, and show per UTC day and model what OpenAI counted against what the proxy saw.")
-    cli.add_common(parser)
-    parser.add_argument("--admin-key", default=None, help="OpenAI admin key (default: $OPENAI_ADMIN_KEY)")
-    parser.add_argument("--base-url", default=os.environ.get("OPENAI_ADMIN_BASE_URL", DEFAULT_BASE_URL),
-                        help=f"API base URL (default: {DEFAULT_BASE_URL})")
-    parser.add_argument("--days", type=int, default=7, help="UTC days back from today (default: 7)")
-    parser.add_argument("--bucket", choices=("1d", "1h"), default="1d", help="bucket width to fetch (default: 1d)")
-    parser.add_argument("--every", type=parse_duration, default=None, metavar="DURATION",
-                        help="keep polling, e.g. 5m (default: once)")
-    parser.add_argument("--alerts", action="store_true",
-                        help="fire the pools' alert thresholds on OpenAI's figures as well")
-    parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    key = args.admin_key or os.environ.get("OPENAI_ADMIN_KEY", "")
+# -- the command --------------------------------------------------------------------
+def run_reconcile(db_path: str, config_path: str | None = None, *, admin_key: str | None = None,
+                  base_url: str = DEFAULT_BASE_URL, days: int = 7, bucket: str = "1d", every: float | None = None,
+                  alerts: bool = False, as_json: bool = False) -> int:
+    """`reconcile`: fetch, store and compare once (or every `every` seconds); 2 without an admin key."""
+    key = admin_key or os.environ.get("OPENAI_ADMIN_KEY", "")
     if not key:
         print("error: no admin key: set OPENAI_ADMIN_KEY or pass --admin-key "
               "(create one at https://platform.openai.com/settings/organization/admin-keys)", file=sys.stderr)
         return 2
-    if not 1 <= args.days <= 366:
+    if not 1 <= days <= 366:
         print("error: --days must be between 1 and 366", file=sys.stderr)
         return 2
-    config = config_mod.load(args.config)
-    client = Client(key, args.base_url)
-    db = schema.connect(args.db)
+    if bucket not in PAGE_LIMITS:
+        print(f"error: --bucket must be one of {', '.join(PAGE_LIMITS)}", file=sys.stderr)
+        return 2
+    config = config_mod.load(config_path)
+    client = Client(key, base_url)
+    db = schema.connect(db_path)
     schema.migrate(db)
-    while True:
-        try:
-            usage, costs = fetch(db, client, days=args.days, width=args.bucket)
-        except ReconcileError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            if args.every is None:
-                return 1
-        else:
-            rows = compare(db, days=args.days, width=args.bucket)
-            fired = evaluate_alerts(db, config, args.bucket) if args.alerts else []
-            if args.json:
-                print(json.dumps({"fetched": {"usage_rows": usage, "cost_rows": costs}, "rows": rows,
-                                  "alerts": [a["message"] for a in fired]}, indent=2), flush=True)
+    try:
+        while True:
+            try:
+                usage, costs = fetch(db, client, days=days, width=bucket)
+            except ReconcileError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                if every is None:
+                    return 1
             else:
-                print(f"{iso_utc(datetime.now(timezone.utc))}  OpenAI usage: {usage} model-buckets, "
-                      f"costs: {costs} line items ({args.bucket} buckets, last {args.days} UTC days)")
-                print_table(rows)
-                for alert in fired:
-                    print(f"alert: {alert['message']}")
-                sys.stdout.flush()
-        if args.every is None:
-            return 0
-        time.sleep(args.every)
+                rows = compare(db, days=days, width=bucket)
+                fired = evaluate_alerts(db, config, bucket) if alerts else []
+                if as_json:
+                    print(json.dumps({"fetched": {"usage_rows": usage, "cost_rows": costs}, "rows": rows,
+                                      "alerts": [a["message"] for a in fired]}, indent=2), flush=True)
+                else:
+                    print(f"{iso_utc(datetime.now(timezone.utc))}  OpenAI usage: {usage} model-buckets, "
+                          f"costs: {costs} line items ({bucket} buckets, last {days} UTC days)")
+                    print_table(rows)
+                    for alert in fired:
+                        print(f"alert: {alert['message']}")
+                    sys.stdout.flush()
+            if every is None:
+                return 0
+            time.sleep(every)
+    finally:
+        db.conn.close()

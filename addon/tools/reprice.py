@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from addon import config as config_mod
 from addon.metering.pricing import Pricer
 from addon.store import schema
-from addon.tools.cli import add_common
 
 PRICE_COLUMNS = ("id", "ts", "model", "outcome", "endpoint", "input_tokens", "cached_tokens", "output_tokens",
                  "reasoning_tokens", "audio_seconds", "service_tier", "processing", "audio_input_tokens",
@@ -41,30 +39,19 @@ def reprice(db, pricer: Pricer, *, batch: int = 2000) -> dict[str, int]:
             counts["changed"] += len(updates)
 
 
-def _cmd_reprice(args: argparse.Namespace) -> int:
-    config = config_mod.load(args.config)
+def run_reprice(db_path: str, config_path: str | None = None) -> int:
+    """`reprice`: reprice every row of DB_PATH with the config's prices and print the counts."""
+    config = config_mod.load(config_path)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    db = schema.connect(args.db)
+    db = schema.connect(db_path)
     try:
         schema.migrate(db)
         counts = reprice(db, Pricer.from_config(config))
     finally:
         db.conn.close()
     print(
-        f"repriced {counts['rows']} rows in {args.db}: {counts['changed']} changed, "
+        f"repriced {counts['rows']} rows in {db_path}: {counts['changed']} changed, "
         f"{counts['priced']} priced, {counts['free']} free, {counts['no_usage']} without usage, "
         f"{counts['unpriced']} with usage but no known price (cost_usd NULL)"
     )
     return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "reprice",
-        help="recompute cost_usd of every recorded call",
-        description="Recompute cost_usd and cost_status of every row in `requests` from the bundled genai-prices "
-        "data, the package's price table and the config's [prices] overrides, e.g. after changing an override or "
-        "upgrading genai-prices.",
-    )
-    add_common(parser)
-    parser.set_defaults(func=_cmd_reprice)

@@ -8,7 +8,6 @@ writes). Ctrl-C stops both; if either dies, the other is stopped too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -16,12 +15,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from addon.datasette import metadata
 
 SCRIPT = Path(__file__).resolve().parent.parent / "usage.py"
 STOP_TIMEOUT = 15.0
+
+
+@dataclass
+class RunOptions:
+    """What `run` was asked for (the command line's options)."""
+
+    db: str = "usage.db"
+    config: str | None = None
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 8080
+    mode: str | None = None
+    datasette_host: str = "127.0.0.1"
+    datasette_port: int = 8001
+    datasette_args: list[str] = field(default_factory=list)
+    collect: str | None = None  # a Redis URL: also run `collect` from it into the database
+    verbose: bool = False
+    mitmdump_args: list[str] = field(default_factory=list)  # passed to mitmdump as is
 
 
 def _bin(name: str) -> str:
@@ -52,14 +69,14 @@ def metadata_for(db_path: Path, directory: Path) -> Path:
     return path
 
 
-def proxy_command(args: argparse.Namespace) -> list[str]:
+def proxy_command(args: RunOptions) -> list[str]:
     cmd = [_bin("mitmdump"), "--listen-host", args.proxy_host, "--listen-port", str(args.proxy_port),
            "-s", str(SCRIPT), "--set", f"usage_db={Path(args.db).resolve()}"]
     if args.config:
         cmd += ["--set", f"usage_config={Path(args.config).resolve()}"]
     if args.mode:
         cmd += ["--mode", args.mode]
-    if not getattr(args, "verbose", False):
+    if not args.verbose:
         # Quiet console: no line per request (flow_detail=1 would also print query-string credentials) nor
         # per connection (info); warnings (alerts, database trouble) still show. Asked-for settings win.
         for name, value in (("flow_detail", "0"), ("termlog_verbosity", "warn")):
@@ -68,7 +85,7 @@ def proxy_command(args: argparse.Namespace) -> list[str]:
     return cmd + list(args.mitmdump_args)
 
 
-def datasette_env(args: argparse.Namespace) -> dict[str, str]:
+def datasette_env(args: RunOptions) -> dict[str, str]:
     """The environment of Datasette: the plugin reads the config and the console setting from it."""
     from addon.datasette.http_api import CONFIG_ENV, REDIS_ENV
     from addon.datasette.plugin import ACCESS_LOG_ENV
@@ -76,19 +93,19 @@ def datasette_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     if args.config:
         env[CONFIG_ENV] = str(Path(args.config).resolve())
-    if getattr(args, "collect", None):
+    if args.collect:
         env[REDIS_ENV] = args.collect  # resets over HTTP reset the shared pools too
-    if not getattr(args, "verbose", False):
+    if not args.verbose:
         env[ACCESS_LOG_ENV] = "0"
     return env
 
 
-def datasette_command(args: argparse.Namespace, metadata: Path) -> list[str]:
+def datasette_command(args: RunOptions, metadata: Path) -> list[str]:
     return [_bin("datasette"), "serve", str(Path(args.db).resolve()), "--metadata", str(metadata),
-            "--host", args.datasette_host, "--port", str(args.datasette_port)] + list(args.datasette_arg or [])
+            "--host", args.datasette_host, "--port", str(args.datasette_port)] + list(args.datasette_args)
 
 
-def banner(args: argparse.Namespace) -> str:
+def banner(args: RunOptions) -> str:
     proxy = f"http://{args.proxy_host}:{args.proxy_port}"
     ui = f"http://{args.datasette_host}:{args.datasette_port}"
     name = Path(args.db).stem
@@ -157,7 +174,7 @@ def _terminated(signum, frame) -> None:
     raise KeyboardInterrupt  # `kill` (SIGTERM) stops both as gracefully as Ctrl-C
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: RunOptions) -> int:
     db_path = Path(args.db)
     prepare_database(db_path, args.config)
     signal.signal(signal.SIGTERM, _terminated)
@@ -170,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             procs.append(subprocess.Popen(proxy_command(args), cwd=os.getcwd()))
             procs.append(subprocess.Popen(datasette_command(args, metadata), cwd=os.getcwd(),
                                           env=datasette_env(args)))
-            if getattr(args, "collect", None):  # the central host: the team's rows into this database
+            if args.collect:  # the central host: the team's rows into this database
                 procs.append(subprocess.Popen([sys.executable, "-m", "addon", "collect", "--redis", args.collect,
                                                "--db", str(db_path)], cwd=os.getcwd()))
                 names.append("collect")
@@ -189,37 +206,3 @@ def run(args: argparse.Namespace) -> int:
             return 0
         finally:
             _stop(procs)
-
-
-def register(subparsers) -> None:
-    from addon.tools.cli import add_common
-
-    parser = subparsers.add_parser(
-        "run",
-        help="run the proxy (127.0.0.1:8080) and Datasette (127.0.0.1:8001) over one database",
-        description="Run `mitmdump -s addon/usage.py` and `datasette serve` over the same SQLite database. "
-        "Arguments after `--` go to mitmdump, e.g. `-- --set usage_block=kill`.",
-    )
-    add_common(parser)
-    parser.add_argument("--proxy-host", default="127.0.0.1", help="proxy listen address (default 127.0.0.1)")
-    parser.add_argument("--proxy-port", type=int, default=8080, help="proxy port (default 8080)")
-    parser.add_argument("--mode", default=None, help="mitmproxy mode, e.g. reverse:https://api.openai.com")
-    parser.add_argument("--datasette-host", default="127.0.0.1",
-                        help="Datasette listen address (default 127.0.0.1; see README before exposing it)")
-    parser.add_argument("--datasette-port", type=int, default=8001, help="Datasette port (default 8001)")
-    parser.add_argument("--datasette-arg", action="append", metavar="ARG",
-                        help="extra argument for `datasette serve` (repeatable), e.g. --datasette-arg=--setting=...")
-    parser.add_argument("--collect", metavar="REDIS_URL",
-                        help="also run `collect` from this Redis into the database (the central host of a team; "
-                             "see README: Several hosts)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="print a line per request (mitmdump flow_detail=1, Datasette's access log)")
-    parser.add_argument("mitmdump_args", nargs=argparse.REMAINDER, metavar="-- MITMDUMP_ARGS",
-                        help="passed to mitmdump as is")
-    parser.set_defaults(func=_cmd_run)
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    if args.mitmdump_args and args.mitmdump_args[0] == "--":
-        args.mitmdump_args = args.mitmdump_args[1:]
-    return run(args)

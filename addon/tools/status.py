@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from datetime import datetime
@@ -17,44 +16,15 @@ from addon.ledger import pool_status
 from addon.ledger.pool_status import PoolStatus
 from addon.ledger.sqlite_ledger import record_reset
 from addon.store import schema
-from addon.tools.cli import add_common
 from addon.windows import utc_now
 
 
-def register(subparsers) -> None:
-    status = subparsers.add_parser(
-        "status", help="each pool's used / limit / remaining / reset time",
-        description="Print each pool's (and each limited key's) usage in its current window, as the proxy counts "
-                    "it (rows of the window; reserved: requests in flight; held: the proxies' spare lease tokens), and "
-                    "when it runs out at the pace of the last hour. Reads the pools the proxy published to the "
-                    "database; --config overrides them.",
-    )
-    add_common(status)
-    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.add_argument("--redis", metavar="URL", help="read used and reserved from the Redis the proxies share "
-                        "(usage_redis) instead of this database's rows")
-    status.set_defaults(func=run_status)
-
-    reset = subparsers.add_parser(
-        "reset", help="reset a pool: usage before now no longer counts in its window",
-        description="Record a reset anchor: usage before it no longer counts in the pool's current window "
-                    "(for one key with --key). Running proxies pick it up at their next request.",
-    )
-    add_common(reset)
-    reset.add_argument("pool", help="pool name (as the proxy published it, or from --config)")
-    reset.add_argument("--key", dest="key_id", help="reset only this key_id's count in the pool")
-    reset.add_argument("--note", help="why (kept in the resets table)")
-    reset.add_argument("--redis", metavar="URL", help="also reset the pool in the Redis the proxies share "
-                       "(usage_redis): every proxy counts anew")
-    reset.set_defaults(func=run_reset)
-
-
-def _open(args: argparse.Namespace, *, readonly: bool):
+def _open(db_path: str, config_path: str | None, *, readonly: bool):
     """The database and the config given with --config (None: what the proxy published)."""
-    config = config_mod.load(args.config) if args.config else None
-    if not Path(args.db).exists():
-        raise FileNotFoundError(f"{args.db}: no such database (start the proxy first, or pass --db)")
-    return schema.connect(args.db, readonly=readonly), config
+    config = config_mod.load(config_path) if config_path else None
+    if not Path(db_path).exists():
+        raise FileNotFoundError(f"{db_path}: no such database (start the proxy first, or pass --db)")
+    return schema.connect(db_path, readonly=readonly), config
 
 
 def status_rows(statuses: list[PoolStatus]) -> list[dict]:
@@ -69,16 +39,17 @@ def status_rows(statuses: list[PoolStatus]) -> list[dict]:
     return rows
 
 
-def run_status(args: argparse.Namespace) -> int:
-    db, config = _open(args, readonly=True)
+def run_status(db_path: str, config_path: str | None = None, *, as_json: bool = False, redis: str | None = None) -> int:
+    """`status`: print each pool's figures as a table (or JSON); raises FileNotFoundError without a database."""
+    db, config = _open(db_path, config_path, readonly=True)
     conn = db.conn
     try:
         conn.isolation_level = None
         conn.execute("BEGIN")  # one consistent picture
         try:
             scopes = pool_status.scopes_for(conn, config)
-            if args.redis:
-                statuses = _shared_statuses(args.redis, scopes)
+            if redis:
+                statuses = _shared_statuses(redis, scopes)
             else:
                 statuses = pool_status.statuses(conn, scopes, utc_now())
         finally:
@@ -86,7 +57,7 @@ def run_status(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     rows = status_rows(statuses)
-    if args.json:
+    if as_json:
         json.dump(rows, sys.stdout, indent=2)
         print()
         return 0
@@ -117,25 +88,27 @@ def _local(text: str) -> str:
     return moment.strftime("%Y-%m-%d %H:%M")
 
 
-def run_reset(args: argparse.Namespace) -> int:
-    db, config = _open(args, readonly=False)
+def run_reset(db_path: str, config_path: str | None, pool: str, *, key_id: str | None = None,
+              note: str | None = None, redis: str | None = None) -> int:
+    """`reset POOL`: record a reset anchor (and reset the shared Redis pool with `redis`)."""
+    db, config = _open(db_path, config_path, readonly=False)
     try:
         pools = list(dict.fromkeys(scope.pool for scope in pool_status.scopes_for(db.conn, config)))
-        if args.pool not in pools:
-            print(f"error: unknown pool {args.pool!r} (pools: {', '.join(pools)})", file=sys.stderr)
+        if pool not in pools:
+            print(f"error: unknown pool {pool!r} (pools: {', '.join(pools)})", file=sys.stderr)
             return 1
-        if args.redis:
+        if redis:
             from addon.ledger.redis_ledger import reset_shared
             from addon.store.redis_rows import ping
 
-            with ping(args.redis) as client:
-                reset_shared(client, args.pool, args.key_id)
+            with ping(redis) as client:
+                reset_shared(client, pool, key_id)
         with db.conn:
-            stamp = record_reset(db.conn, args.pool, args.key_id, args.note, utc_now())
+            stamp = record_reset(db.conn, pool, key_id, note, utc_now())
     finally:
         db.conn.close()
-    who = f" for key {args.key_id}" if args.key_id else ""
-    print(f"pool {args.pool}{who} reset at {stamp}: usage before it no longer counts in the current window")
+    who = f" for key {key_id}" if key_id else ""
+    print(f"pool {pool}{who} reset at {stamp}: usage before it no longer counts in the current window")
     return 0
 
 

@@ -11,7 +11,6 @@ transaction: in WAL mode readers never block the proxy's writer.
 
 from __future__ import annotations
 
-import argparse
 import os
 import select
 import sqlite3
@@ -345,33 +344,26 @@ def run_live(reader: Reader, db_name: str, interval: float) -> int:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-# -- command line ---------------------------------------------------------------------------
-def register(subparsers) -> None:
-    from addon.tools import cli
-
-    parser = subparsers.add_parser("top", help="live terminal view of usage, pools and the latest requests",
-                                   description="Live view (read-only): totals, pool gauges and the latest requests. "
-                                               "Keys: q quit, arrows / j k / PgUp PgDn scroll, g newest.")
-    cli.add_common(parser)
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between redraws (default: 1)")
-    parser.add_argument("--once", action="store_true", help="print one screen and exit (default when not a terminal)")
-    parser.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    path = Path(args.db)
+# -- the command ---------------------------------------------------------------------------
+def run_top(db_path: str, config_path: str | None = None, *, interval: float = 1.0, once: bool = False) -> int:
+    """`top`: the live view on a terminal, else (or with `once`) one screen; 1 without a database."""
+    path = Path(db_path)
     if not path.exists():
         print(f"error: no database at {path} (start the proxy first, or pass --db)", file=sys.stderr)
         return 1
-    config = config_mod.load(args.config) if args.config else None
+    config = config_mod.load(config_path) if config_path else None
     reader = Reader(path, config)
-    if args.once or not (sys.stdin.isatty() and sys.stdout.isatty()):
+    if once or not (sys.stdin.isatty() and sys.stdout.isatty()):
         from rich.console import Console
 
         console = Console()
         height = console.size.height if console.is_terminal else 24
-        reader.snapshot(1, 0)  # learn the number of pools
-        snap = reader.snapshot(max(1, height - fixed_lines(reader.pool_count)), 0)
+        try:
+            reader.snapshot(1, 0)  # learn the number of pools
+            snap = reader.snapshot(max(1, height - fixed_lines(reader.pool_count)), 0)
+        finally:
+            if reader.conn is not None:
+                reader.conn.close()
         console.print(render(snap, path.name, height))
         return 0 if snap.error is None else 1
-    return run_live(reader, path.name, max(0.2, args.interval))
+    return run_live(reader, path.name, max(0.2, interval))
