@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -28,6 +27,7 @@ import sqlite_utils
 from addon.ledger.sqlite_ledger import window_phrase
 from addon.store import schema
 from addon.windows import iso_utc
+from addon.worker import FailureLog, QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -149,59 +149,59 @@ class AlertEvaluator:
         return row
 
 
-class WebhookSender:
+class WebhookSender(QueueWorker[dict[str, Any]]):
     """POSTs alerts to a webhook from its own thread, with retries."""
 
     def __init__(self, url: str | None, db_path: str | Path, backoff: tuple[float, ...] = BACKOFF,
                  resend_undelivered: bool = False) -> None:
+        super().__init__("usage-alerts", max_batch=1, failures=FailureLog("usage: alert delivery", logger=log))
         self.url = url
         self.db_path = Path(db_path)
         self.backoff = backoff
-        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._db: sqlite_utils.Database | None = None
         if resend_undelivered and url:
             # Alerts a stopped process could not deliver: first in line (the thread reads the database).
-            self._queue.put({"_resend": True})
-        self._thread = threading.Thread(target=self._run, name="usage-alerts", daemon=True)
-        self._thread.start()
+            self.put({"_resend": True})
+        self.start()
 
     def send(self, alert: dict[str, Any]) -> None:
-        self._queue.put(alert)
+        self.put(alert)
 
     def close(self, timeout: float = 5.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
+        self.stop(timeout)
 
-    def _run(self) -> None:
-        db: sqlite_utils.Database | None = None
-        while True:
-            alert = self._queue.get()
-            if alert is None:
-                break
-            if not self.url:
-                continue
-            if alert.get("_resend"):
-                try:
-                    db = db or schema.connect(self.db_path)
-                    for row in self._undelivered(db):
-                        self._queue.put(row)
-                except sqlite3.Error as exc:
-                    log.warning("usage: could not read undelivered alerts: %s", exc)
-                    db = None
-                continue
-            delivered, attempts, error = self._deliver(alert)
+    def handle(self, batch: list[dict[str, Any]]) -> None:
+        for alert in batch:
+            if self.url:
+                self._handle_one(alert)
+
+    def _handle_one(self, alert: dict[str, Any]) -> None:
+        if alert.get("_resend"):
             try:
-                db = db or schema.connect(self.db_path)
-                with db.conn:
-                    db.conn.execute(
-                        "UPDATE alerts SET delivered = ?, attempts = COALESCE(attempts, 0) + ?, last_error = ?"
-                        " WHERE id = ?",
-                        (int(delivered), attempts, error, alert["id"]),
-                    )
+                self._db = self._db or schema.connect(self.db_path)
+                for row in self._undelivered(self._db):
+                    self.put(row)
             except sqlite3.Error as exc:
-                log.warning("usage: could not record delivery of alert %s: %s", alert.get("id"), exc)
-                db = None
-        if db is not None:
-            db.conn.close()
+                log.warning("usage: could not read undelivered alerts: %s", exc)
+                self.finish()
+            return
+        delivered, attempts, error = self._deliver(alert)
+        try:
+            self._db = self._db or schema.connect(self.db_path)
+            with self._db.conn:
+                self._db.conn.execute(
+                    "UPDATE alerts SET delivered = ?, attempts = COALESCE(attempts, 0) + ?, last_error = ?"
+                    " WHERE id = ?",
+                    (int(delivered), attempts, error, alert["id"]),
+                )
+        except sqlite3.Error as exc:
+            log.warning("usage: could not record delivery of alert %s: %s", alert.get("id"), exc)
+            self.finish()
+
+    def finish(self) -> None:
+        if self._db is not None:
+            self._db.conn.close()
+            self._db = None
 
     @staticmethod
     def _undelivered(db: sqlite_utils.Database) -> list[dict[str, Any]]:

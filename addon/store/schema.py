@@ -9,6 +9,7 @@ import logging
 import os
 import sqlite3
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,32 @@ def bound_columns(row: dict[str, Any]) -> None:
             limit = COLUMN_LIMITS.get(key, TEXT_LIMIT)
             if len(value) > limit:
                 row[key] = value[: limit - 1] + "…"
+
+
+def sanitize_row(row: dict[str, Any], warned: set[str]) -> dict[str, Any]:
+    """A copy of a row SQLite refused, with what it can bind: known columns only
+    (each unknown one warned once, through `warned`), ints beyond 64 bits and
+    other objects as text, lone surrogates replaced. Private keys stay as they are."""
+    clean: dict[str, Any] = {}
+    for key, value in row.items():
+        if key.startswith("_"):  # private (a reservation): not a column, kept as is
+            clean[key] = value
+            continue
+        if key not in REQUEST_COLUMNS:
+            if key not in warned:
+                warned.add(key)
+                log.warning("usage: rows carry a column %r that table requests does not have; ignored", key)
+            continue
+        if isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, int):
+            value = value if -(2**63) <= value < 2**63 else str(value)
+        elif value is not None and not isinstance(value, (str, float, bytes)):
+            value = str(value)
+        if isinstance(value, str):
+            value = value.encode("utf-8", "replace").decode("utf-8")  # lone surrogates cannot be bound
+        clean[key] = value
+    return clean
 
 
 REQUEST_INDEXES: list[tuple[str, ...]] = [
@@ -239,6 +266,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Databas
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     db = sqlite_utils.Database(conn)
+    _opened[db] = file_id(Path(path))
     if not readonly:
         if db.journal_mode != "wal":
             db.enable_wal()
@@ -394,10 +422,19 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def file_id(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of a file, None when it is missing: tells a moved or
-    deleted database from the one a connection has open."""
+    """(device, inode) of a file, None when it is missing."""
     try:
         st = path.stat()
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+# The file each connection opened (connect()), for `moved`.
+_opened: weakref.WeakKeyDictionary[sqlite_utils.Database, tuple[int, int] | None] = weakref.WeakKeyDictionary()
+
+
+def moved(db: sqlite_utils.Database, path: str | Path) -> bool:
+    """True when the file at `path` is no longer the one `db` has open (deleted or moved
+    away): writing on would go into a file nobody can see any more."""
+    return file_id(Path(path)) != _opened.get(db)
