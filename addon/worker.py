@@ -183,7 +183,9 @@ class QueueWorker[T](Worker):
         super().__init__(name, failures=failures or FailureLog(f"{name}: handling queued work"))
         self._handle = handle
         self.max_batch = max_batch
-        self._queue: queue.Queue[T | object] = queue.Queue(maxsize)
+        # SimpleQueue (C, no locks in Python) unless bounded: put() is on the hot path of the writer.
+        self._queue: queue.Queue[T | object] | queue.SimpleQueue[T | object] = (
+            queue.Queue(maxsize) if maxsize else queue.SimpleQueue())
         self._pending = 0  # put and not handled yet
         self._idle = threading.Condition()
 

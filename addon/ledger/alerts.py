@@ -1,8 +1,8 @@
 """Alerts: a pool crossing a threshold of its limit, once per window.
 
 Evaluated on the ledger thread from the same counters that admission uses;
-each alert is a row in `alerts` (a unique `dedupe` key makes it fire once
-across every proxy process) and, with a webhook configured, a JSON POST
+each alert is a row in `alerts` (a unique `dedupe` key, made by the
+schema's migrations, makes it fire once across every proxy process) and, with a webhook configured, a JSON POST
 carrying both `text` (Slack) and `content` (Discord). Delivery runs on its
 own thread with retries and backoff and never delays traffic.
 """
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds before each retry
 TIMEOUT = 5.0
 RESEND_WITHIN = 24 * 3600.0  # seconds: undelivered alerts younger than this are sent again at start-up
-
-
-def ensure_dedupe_index(db: sqlite_utils.Database) -> None:
-    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS alerts_dedupe ON alerts(dedupe)")
 
 
 def alert_message(pool: str, key_id: str | None, label: str | None, threshold: float, used: int, limit: int,

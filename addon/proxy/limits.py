@@ -22,7 +22,7 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from addon.ledger.alerts import AlertEvaluator, WebhookSender, ensure_dedupe_index
+from addon.ledger.alerts import AlertEvaluator, WebhookSender
 from addon.ledger.estimate import PreviousUsage, estimate, is_continuation
 from addon.ledger.redis_ledger import RedisLedger
 from addon.ledger.sqlite_ledger import (
@@ -167,7 +167,6 @@ class Limits:
         assert self.ledger is not None
         try:
             self.ledger.publish_pools()
-            ensure_dedupe_index(self.ledger.db)
         except Exception as exc:
             log.warning("usage: could not publish pools to the database: %s", exc)
 

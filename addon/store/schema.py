@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+from sqlite_utils import Migrations
 
 log = logging.getLogger(__name__)
 
@@ -274,38 +275,86 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Databas
     return db
 
 
-def migrate(db: sqlite_utils.Database) -> None:
-    """Create missing tables, columns and indexes. Idempotent.
+# The schema is what these migrations make of a database, in order. Each runs
+# once per database and is recorded in `_sqlite_migrations` (sqlite-utils'
+# Migrations: simonw/sqlite-migrate 0.2 is only an alias of it, so no extra
+# dependency). A change to the schema is a new function at the end; an
+# applied one is never edited. The first one brings a database of any
+# earlier version up; it reads TABLES, so a column added later goes into
+# TABLES and into a new migration that adds it where missing (`add_missing`:
+# on a fresh database the first migration has made it already).
+MIGRATIONS = Migrations("openai-usage-meter")
 
-    Several processes may migrate one file at once (a proxy starting while a
-    command opens the database): a lost race (the file locked past the busy
-    timeout while it switches to WAL, a column another process has just
-    added) is tried again.
+
+def add_missing(db: sqlite_utils.Database, name: str) -> None:
+    """Create table `name` of TABLES, or the columns and indexes it lacks."""
+    columns, pk, indexes = TABLES[name]
+    table = db.table(name)
+    if not table.exists():
+        table.create(columns, pk=pk)
+    else:
+        existing = set(table.columns_dict)
+        for column, kind in columns.items():
+            if column not in existing:
+                table.add_column(column, kind)
+    for index in indexes:
+        table.create_index(list(index), if_not_exists=True, find_unique_name=True)
+
+
+@MIGRATIONS()
+def m001_tables(db: sqlite_utils.Database) -> None:
+    """Every table, column and index of the additive schema that came before
+    recorded migrations, where missing: a database of any earlier version
+    comes up, one made by that code is left as it is."""
+    for name in TABLES:
+        add_missing(db, name)
+    # One row per uid: the collector and spool imports insert with OR IGNORE.
+    db.table("requests").create_index(["uid"], index_name="idx_requests_uid", unique=True, if_not_exists=True)
+
+
+@MIGRATIONS()
+def m002_alerts_dedupe(db: sqlite_utils.Database) -> None:
+    """Each alert fires once across proxy processes: INSERT OR IGNORE on this key (formerly made by alerts.py)."""
+    # A database that never had the index may hold an alert twice: the first one stays.
+    db.execute("DELETE FROM alerts WHERE dedupe IS NOT NULL AND id NOT IN"
+               " (SELECT MIN(id) FROM alerts WHERE dedupe IS NOT NULL GROUP BY dedupe)")
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS alerts_dedupe ON alerts(dedupe)")
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Bring the schema up to date: apply the migrations the database has not recorded.
+
+    The single entry point for every process that opens the database; one
+    read when it is up to date. The migrations run in one IMMEDIATE
+    transaction: of several processes migrating one file at once (a proxy
+    starting beside a command), one applies them and records them, the others
+    wait for the write lock (busy timeout) and then find nothing pending. A
+    lock held past the busy timeout (a file switching to WAL, a long index
+    build) is tried again.
     """
     for attempt in range(4):
         try:
-            _migrate_once(db)
+            if MIGRATIONS.pending(db):
+                _apply_all(db)
             return
         except sqlite3.OperationalError as exc:
-            if attempt == 3 or not ("locked" in str(exc) or "duplicate column" in str(exc)):
+            if attempt == 3 or "locked" not in str(exc):
                 raise
             time.sleep(0.25 * (attempt + 1))
 
 
-def _migrate_once(db: sqlite_utils.Database) -> None:
-    for name, (columns, pk, indexes) in TABLES.items():
-        table = db.table(name)
-        if not table.exists():
-            table.create(columns, pk=pk, if_not_exists=True)
-        else:
-            existing = set(table.columns_dict)
-            for column, kind in columns.items():
-                if column not in existing:
-                    table.add_column(column, kind)
-        for index in indexes:
-            table.create_index(list(index), if_not_exists=True, find_unique_name=True)
-    # One row per uid: the collector and spool imports insert with OR IGNORE.
-    db.table("requests").create_index(["uid"], index_name="idx_requests_uid", unique=True, if_not_exists=True)
+def _apply_all(db: sqlite_utils.Database) -> None:
+    if db.conn.in_transaction:  # the caller's transaction: its own lock (each migration in a savepoint)
+        MIGRATIONS.apply(db)
+        return
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        MIGRATIONS.apply(db)  # reads what is pending again, under the lock
+        db.conn.commit()
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.rollback()
+        raise
 
 
 @dataclass(frozen=True, slots=True)
