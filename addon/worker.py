@@ -47,7 +47,8 @@ class FailureLog:
             first = self._said is None
             self._said = said
             # A traceback with the first failure only: an unexpected exception is a bug to find.
-            self.logger.warning(self.failing.format(error=exc), exc_info=first and not _expected(exc))
+            # replace(), not format(): the text may hold a path or URL with braces
+            self.logger.warning(self.failing.replace("{error}", str(exc)), exc_info=first and not _expected(exc))
 
     def worked(self) -> None:
         if self._said is not None:

@@ -109,12 +109,12 @@ def test_failures_warn_once_per_change_of_error_and_recovery_at_info(caplog):
 
 
 def test_an_unexpected_failure_gets_one_traceback(caplog):
-    failures = FailureLog("bug", logger=logging.getLogger("test.worker"), failing="broken: {error}")
+    failures = FailureLog("bug", logger=logging.getLogger("test.worker"), failing="broken {x}: {error}")
     with caplog.at_level(logging.WARNING, logger="test.worker"):
         for _ in range(3):
             assert failures.run(lambda: 1 / 0) is False
     [record] = caplog.records
-    assert record.getMessage() == "broken: division by zero" and record.exc_info is not None
+    assert record.getMessage() == "broken {x}: division by zero" and record.exc_info
 
 
 def test_queue_worker_handles_in_batches_and_everything_before_stop():

@@ -1,6 +1,7 @@
-"""SQLite storage: the schema, its migration, connections and row inserts.
+"""SQLite storage: the schema and its recorded migrations, connections, row bounds and inserts.
 
-The thread that writes the proxy's rows is store/writer.py.
+The thread that writes the proxy's rows is store/writer.py, the rows that
+wait for the database store/spool.py.
 """
 
 from __future__ import annotations
