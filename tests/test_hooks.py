@@ -143,12 +143,14 @@ def test_periodic_ledger_failures_warn_once_per_change_of_state(caplog):
         if state["fail"]:
             raise OSError("disk I/O error")
 
-    with caplog.at_level(logging.WARNING, logger="addon.proxy.limits"):
+    with caplog.at_level(logging.INFO, logger="addon.proxy.limits"):
         for _ in range(3):
             limits._periodic("release_idle", step)
         state["fail"] = False
         for _ in range(2):
             limits._periodic("release_idle", step)
-    messages = [r.getMessage() for r in caplog.records if r.name == "addon.proxy.limits"]
-    assert messages == ["usage: periodic ledger work (release_idle) failed: disk I/O error; retrying quietly",
-                        "usage: periodic ledger work (release_idle) works again"]
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "addon.proxy.limits"]
+    assert messages == [
+        (logging.WARNING, "usage: periodic ledger work (release_idle) failed: disk I/O error; retrying quietly"),
+        (logging.INFO, "usage: periodic ledger work (release_idle) works again"),
+    ]

@@ -263,7 +263,7 @@ def test_dashboard_today_by_hour_follows_the_status(tmp_path):
 
 
 def test_forecast_alert_fires_once_when_switched_on(tmp_path):
-    from addon.ledger.alerts import AlertEvaluator, ensure_dedupe_index
+    from addon.ledger.alerts import AlertEvaluator
 
     now = datetime(2026, 11, 30, 10, tzinfo=timezone.utc)
     path = _at(now, [(timedelta(hours=3), 1_000), (timedelta(minutes=30), 500)], tmp_path)
@@ -275,7 +275,6 @@ def test_forecast_alert_fires_once_when_switched_on(tmp_path):
         config_mod.parse('[alerts]\nforecast = "yes"\n[pools.p]\nmodels = []\n')
     ledger = Ledger(path, config, clock=lambda: now)
     try:
-        ensure_dedupe_index(ledger.db)
         thresholds = {"p": config.pools["p"].thresholds}
         assert AlertEvaluator(None).evaluate(ledger.db, ledger.status(), thresholds, now) == []  # off by default
         evaluator = AlertEvaluator(None)

@@ -401,8 +401,8 @@ def test_oversized_fields_secrets_and_file_modes(tmp_path, confdir, fake_server)
 def test_spool_file_is_private(tmp_path):
     writer = Writer(tmp_path / "usage.db")
     writer.close()  # the thread would import the spool file at once
-    writer._spool.append({"ts": "2026-01-01T00:00:00.000Z", "path": "/v1/x"})
-    writer._save_spool()  # what a graceful stop does when the database cannot be written
+    writer.spool.add([{"ts": "2026-01-01T00:00:00.000Z", "path": "/v1/x"}])
+    writer.spool.save()  # what a graceful stop does when the database cannot be written
     [spool] = tmp_path.glob("usage.db.spool-*.jsonl")
     assert stat.S_IMODE(spool.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "usage.db").stat().st_mode) == 0o600

@@ -632,6 +632,7 @@ def build() -> dict[str, Any]:
                     "pool_windows": {"hidden": True},
                     "reservations": {"hidden": True},
                     "issued_keys": {"hidden": True},
+                    "_sqlite_migrations": {"hidden": True},  # the schema's migrations (store/schema.py)
                 },
                 "queries": {
                     "status": _query(

@@ -1,8 +1,8 @@
 """Alerts: a pool crossing a threshold of its limit, once per window.
 
 Evaluated on the ledger thread from the same counters that admission uses;
-each alert is a row in `alerts` (a unique `dedupe` key makes it fire once
-across every proxy process) and, with a webhook configured, a JSON POST
+each alert is a row in `alerts` (a unique `dedupe` key, made by the
+schema's migrations, makes it fire once across every proxy process) and, with a webhook configured, a JSON POST
 carrying both `text` (Slack) and `content` (Discord). Delivery runs on its
 own thread with retries and backoff and never delays traffic.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -28,16 +27,13 @@ import sqlite_utils
 from addon.ledger.sqlite_ledger import window_phrase
 from addon.store import schema
 from addon.windows import iso_utc
+from addon.worker import FailureLog, QueueWorker
 
 log = logging.getLogger(__name__)
 
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds before each retry
 TIMEOUT = 5.0
 RESEND_WITHIN = 24 * 3600.0  # seconds: undelivered alerts younger than this are sent again at start-up
-
-
-def ensure_dedupe_index(db: sqlite_utils.Database) -> None:
-    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS alerts_dedupe ON alerts(dedupe)")
 
 
 def alert_message(pool: str, key_id: str | None, label: str | None, threshold: float, used: int, limit: int,
@@ -149,59 +145,59 @@ class AlertEvaluator:
         return row
 
 
-class WebhookSender:
+class WebhookSender(QueueWorker[dict[str, Any]]):
     """POSTs alerts to a webhook from its own thread, with retries."""
 
     def __init__(self, url: str | None, db_path: str | Path, backoff: tuple[float, ...] = BACKOFF,
                  resend_undelivered: bool = False) -> None:
+        super().__init__("usage-alerts", max_batch=1, failures=FailureLog("usage: alert delivery", logger=log))
         self.url = url
         self.db_path = Path(db_path)
         self.backoff = backoff
-        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._db: sqlite_utils.Database | None = None
         if resend_undelivered and url:
             # Alerts a stopped process could not deliver: first in line (the thread reads the database).
-            self._queue.put({"_resend": True})
-        self._thread = threading.Thread(target=self._run, name="usage-alerts", daemon=True)
-        self._thread.start()
+            self.put({"_resend": True})
+        self.start()
 
     def send(self, alert: dict[str, Any]) -> None:
-        self._queue.put(alert)
+        self.put(alert)
 
     def close(self, timeout: float = 5.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
+        self.stop(timeout)
 
-    def _run(self) -> None:
-        db: sqlite_utils.Database | None = None
-        while True:
-            alert = self._queue.get()
-            if alert is None:
-                break
-            if not self.url:
-                continue
-            if alert.get("_resend"):
-                try:
-                    db = db or schema.connect(self.db_path)
-                    for row in self._undelivered(db):
-                        self._queue.put(row)
-                except sqlite3.Error as exc:
-                    log.warning("usage: could not read undelivered alerts: %s", exc)
-                    db = None
-                continue
-            delivered, attempts, error = self._deliver(alert)
+    def handle(self, batch: list[dict[str, Any]]) -> None:
+        for alert in batch:
+            if self.url:
+                self._handle_one(alert)
+
+    def _handle_one(self, alert: dict[str, Any]) -> None:
+        if alert.get("_resend"):
             try:
-                db = db or schema.connect(self.db_path)
-                with db.conn:
-                    db.conn.execute(
-                        "UPDATE alerts SET delivered = ?, attempts = COALESCE(attempts, 0) + ?, last_error = ?"
-                        " WHERE id = ?",
-                        (int(delivered), attempts, error, alert["id"]),
-                    )
+                self._db = self._db or schema.connect(self.db_path)
+                for row in self._undelivered(self._db):
+                    self.put(row)
             except sqlite3.Error as exc:
-                log.warning("usage: could not record delivery of alert %s: %s", alert.get("id"), exc)
-                db = None
-        if db is not None:
-            db.conn.close()
+                log.warning("usage: could not read undelivered alerts: %s", exc)
+                self.finish()
+            return
+        delivered, attempts, error = self._deliver(alert)
+        try:
+            self._db = self._db or schema.connect(self.db_path)
+            with self._db.conn:
+                self._db.conn.execute(
+                    "UPDATE alerts SET delivered = ?, attempts = COALESCE(attempts, 0) + ?, last_error = ?"
+                    " WHERE id = ?",
+                    (int(delivered), attempts, error, alert["id"]),
+                )
+        except sqlite3.Error as exc:
+            log.warning("usage: could not record delivery of alert %s: %s", alert.get("id"), exc)
+            self.finish()
+
+    def finish(self) -> None:
+        if self._db is not None:
+            self._db.conn.close()
+            self._db = None
 
     @staticmethod
     def _undelivered(db: sqlite_utils.Database) -> list[dict[str, Any]]:

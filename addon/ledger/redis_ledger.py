@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import secrets
 import threading
 import time
@@ -51,6 +50,7 @@ from addon.ledger.estimate import PreviousUsage
 from addon.ledger.sqlite_ledger import RESERVATION_TTL, Check, Decision, PoolStatus, record_reset, write_pools
 from addon.store import redis_rows, schema
 from addon.windows import Window, iso_utc, utc_now
+from addon.worker import FailureLog, QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -284,11 +284,13 @@ class RedisLedger:
         self._contributed: str | None = None  # the Redis epoch this database's rows were added to
         self._db: schema.sqlite_utils.Database | None = None
         # Settlements and releases on their way to Redis: (reservation id or "", tokens, scopes).
-        self._ops: queue.Queue[Settlement | None] = queue.Queue()
+        self._ops: QueueWorker[Settlement] = QueueWorker("usage-redis-settle", handle=self._settle_batch,
+                                                         failures=FailureLog(
+            "usage: settling usage in Redis", logger=log,
+            failing="usage: cannot settle usage in Redis ({error}); retrying every second",
+            working="usage: settlements reach Redis again"))
         self._scopes: dict[str, tuple[tuple[str, str | None], ...]] = {}  # reservation id -> scopes it holds
-        self._ops_failing = False
-        self._ops_thread = threading.Thread(target=self._run_ops, name="usage-redis-settle", daemon=True)
-        self._ops_thread.start()
+        self._ops.start()
 
     # -- local database (pools for Datasette, alerts, rebuild) -----------
     @property
@@ -305,8 +307,7 @@ class RedisLedger:
         write_pools(self.db, self.config, self.clock())
 
     def close(self) -> None:
-        self._ops.put(None)
-        self._ops_thread.join(10)
+        self._ops.stop(10)
         if self._db is not None:
             self._db.conn.close()
             self._db = None
@@ -405,45 +406,21 @@ class RedisLedger:
             with self._live_lock:
                 self._live.pop(op.owner, None)
                 self._scopes.pop(op.owner, None)
-        if self._ops.qsize() >= MAX_PENDING_OPS:
+        if self._ops.pending >= MAX_PENDING_OPS:
             log.error("usage: %d settlements wait for Redis; dropping this one", MAX_PENDING_OPS)
             return
         self._ops.put(op)
 
-    def _run_ops(self) -> None:
-        stop = False
-        while not stop:
-            first = self._ops.get()
-            if first is None:
-                self._ops.task_done()
-                break
-            batch = [first]
-            while len(batch) < 1000:
-                try:
-                    item = self._ops.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._ops.task_done()
-                    stop = True
-                    break
-                batch.append(item)
-            while True:
-                try:
-                    self._apply(batch)
-                    if self._ops_failing:
-                        log.warning("usage: settlements reach Redis again")
-                        self._ops_failing = False
-                    break
-                except redis.RedisError as exc:
-                    if not self._ops_failing:
-                        log.warning("usage: cannot settle usage in Redis (%s); retrying every second", exc)
-                        self._ops_failing = True
-                    if stop:
-                        break
-                    time.sleep(1.0)
-            for _ in batch:
-                self._ops.task_done()
+    def _settle_batch(self, batch: list[Settlement]) -> None:
+        """Settlement thread: one pipeline per batch, tried again every second while Redis is away."""
+        while batch:
+            try:
+                self._apply(batch)
+                return
+            except redis.RedisError as exc:
+                self._ops.failures.failed(exc)
+                if self._ops.stopping or self._ops.sleep(1.0):
+                    return  # stopping: settlements Redis did not take are given up (their reservations expire)
 
     def _apply(self, batch: list[Settlement]) -> None:
         now = self.clock()
@@ -486,10 +463,7 @@ class RedisLedger:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until queued settlements reached Redis (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while self._ops.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return not self._ops.unfinished_tasks
+        return self._ops.flush(timeout)
 
     # -- housekeeping (ledger thread) ------------------------------------
     def release_idle(self, idle: float = 0.0) -> None:

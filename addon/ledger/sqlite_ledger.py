@@ -244,7 +244,7 @@ class Ledger:
     # -- connection ------------------------------------------------------
     @property
     def db(self) -> sqlite_utils.Database:
-        if self._db is not None and schema.file_id(self.path) != self._file:
+        if self._db is not None and schema.moved(self._db, self.path):
             # Deleted or moved: counting on in the old file would be invisible
             # to every other reader; start over on the file at the path.
             log.warning("usage: database %s was deleted or moved; the ledger reopens it", self.path)

@@ -23,6 +23,7 @@ from addon.metering.bounded import MAX_DECODED_BODY, UnknownEncoding, decoded_pi
 from addon.metering.redact import redact_headers, redact_text, redact_url
 from addon.proxy.meter import UsageMeter
 from addon.store.schema import open_private
+from addon.worker import FailureLog, QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +112,20 @@ def _message(msg, first_line: dict[str, Any]) -> Message:
     )
 
 
-class BodyLogWriter:
+class BodyLogWriter(QueueWorker[Entry]):
     """The thread that owns the file."""
 
     def __init__(self, path: str, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_QUEUED_BYTES) -> None:
         self.path = path
         self.file = open_private(path)  # fail now (OptionsError), not later; 0600: it holds bodies
-        self.queue: queue.Queue[Entry | None] = queue.Queue(max_entries)
+        super().__init__("usage-body-log", maxsize=max_entries, failures=FailureLog(
+            f"usage_body_log: writing {path}", logger=log))
         self.max_bytes = max_bytes
         self.queued_bytes = 0
         self.lock = threading.Lock()
         self.written = 0
         self.dropped = 0
-        self.thread = threading.Thread(target=self._run, name="usage-body-log", daemon=True)
-        self.thread.start()
+        self.start()
 
     def put(self, entry: Entry) -> None:
         size = entry.size
@@ -132,7 +133,7 @@ class BodyLogWriter:
             full = self.queued_bytes + size > self.max_bytes and self.queued_bytes > 0
             if not full:
                 try:
-                    self.queue.put_nowait(entry)
+                    super().put(entry)
                     self.queued_bytes += size
                     return
                 except queue.Full:
@@ -143,25 +144,22 @@ class BodyLogWriter:
             log.warning("usage_body_log: writer behind, dropped %d entries so far (traffic is not affected)", dropped)
 
     def close(self, timeout: float = 10.0) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout)
+        self.stop(timeout)
         if self.dropped:
             log.warning("usage_body_log: %d entries were dropped in total", self.dropped)
 
-    def _run(self) -> None:
-        while True:
-            entry = self.queue.get()
-            if entry is None:
-                break
-            with self.lock:
-                self.queued_bytes -= entry.size
+    def handle(self, batch: list[Entry]) -> None:
+        with self.lock:
+            self.queued_bytes -= sum(entry.size for entry in batch)
+        for entry in batch:
             try:
                 self.file.write(render(entry) + "\n")
                 self.written += 1
-                if self.queue.empty():
-                    self.file.flush()
             except Exception:
                 log.exception("usage_body_log: writing %s failed", self.path)
+        self.file.flush()
+
+    def finish(self) -> None:
         self.file.close()
 
 

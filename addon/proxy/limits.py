@@ -22,7 +22,7 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
-from addon.ledger.alerts import AlertEvaluator, WebhookSender, ensure_dedupe_index
+from addon.ledger.alerts import AlertEvaluator, WebhookSender
 from addon.ledger.estimate import PreviousUsage, estimate, is_continuation
 from addon.ledger.redis_ledger import RedisLedger
 from addon.ledger.sqlite_ledger import (
@@ -38,6 +38,7 @@ from addon.ledger.sqlite_ledger import (
 from addon.metering.wire import RequestFacts
 from addon.proxy.meter import Call, UsageMeter
 from addon.store.schema import Reservation
+from addon.worker import FailureLog, Worker
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,10 @@ class Limits:
         self.executor: ThreadPoolExecutor | None = None
         self.alerts: AlertEvaluator | None = None
         self.sender: WebhookSender | None = None
-        self._stop = threading.Event()
-        self._ticker: threading.Thread | None = None
+        self._ticker: Worker | None = None
         self._key: tuple | None = None
         self._ticks = 0
-        self._periodic_failing: set[str] = set()  # periodic steps failing now: warned once, once more when they work
+        self._periodic_failures: dict[str, FailureLog] = {}  # per periodic step: warned once per change of error
         self._failing = False
         # Admissions waiting for the ledger: (checks, estimate, waiter); the
         # estimate is a function of the ledger when it needs a look-up.
@@ -130,9 +130,7 @@ class Limits:
             self.ledger = Ledger(ctx.options.usage_db, config)
             self.alerts = AlertEvaluator(self.sender)
         self.executor.submit(self._publish)
-        self._stop = threading.Event()
-        self._ticker = threading.Thread(target=self._tick_loop, name="usage-ticker", daemon=True)
-        self._ticker.start()
+        self._ticker = Worker("usage-ticker", interval=TICK_INTERVAL, step=self._submit_tick).start()
 
     def done(self) -> None:
         # Shutting down, the meter's done() ran first and wrote every row:
@@ -141,9 +139,9 @@ class Limits:
         self._shutdown(final=not self.meter.reloading)
 
     def _shutdown(self, final: bool = False) -> None:
-        self._stop.set()
         if self._ticker is not None:
-            self._ticker.join(5)
+            self._ticker.stop(5)
+            self._ticker = None
         if self.executor is not None:
             ledger = self.ledger
             if ledger is not None:
@@ -169,19 +167,18 @@ class Limits:
         assert self.ledger is not None
         try:
             self.ledger.publish_pools()
-            ensure_dedupe_index(self.ledger.db)
         except Exception as exc:
             log.warning("usage: could not publish pools to the database: %s", exc)
 
-    def _tick_loop(self) -> None:
-        while not self._stop.wait(TICK_INTERVAL):
-            executor = self.executor
-            if executor is None:
-                return
-            try:
-                executor.submit(self._tick)
-            except RuntimeError:
-                return  # shutting down
+    def _submit_tick(self) -> None:
+        """Ticker thread: the periodic work runs on the ledger thread, after the admissions queued before it."""
+        executor = self.executor
+        if executor is None:
+            return
+        try:
+            executor.submit(self._tick)
+        except RuntimeError:
+            pass  # shutting down
 
     def _tick(self) -> None:
         ledger, alerts = self.ledger, self.alerts
@@ -196,17 +193,11 @@ class Limits:
             self._periodic(step.__name__, step)
 
     def _periodic(self, name: str, step: Callable[[], object]) -> None:
-        """Run a periodic step (ledger thread); its failures are warned once per change of state."""
-        try:
-            step()
-        except Exception as exc:
-            if name not in self._periodic_failing:
-                self._periodic_failing.add(name)
-                log.warning("usage: periodic ledger work (%s) failed: %s; retrying quietly", name, exc)
-            return
-        if name in self._periodic_failing:
-            self._periodic_failing.discard(name)
-            log.warning("usage: periodic ledger work (%s) works again", name)
+        """Run a periodic step (ledger thread); its failures are warned once per change of error."""
+        failures = self._periodic_failures.get(name)
+        if failures is None:
+            failures = self._periodic_failures[name] = FailureLog(f"usage: periodic ledger work ({name})", logger=log)
+        failures.run(step)
 
     def _evaluate_alerts(self) -> None:
         ledger, alerts = self.ledger, self.alerts

@@ -26,6 +26,7 @@ from typing import Any
 from addon.metering import wire
 from addon.store import schema
 from addon.windows import iso_utc
+from addon.worker import FailureLog, Worker
 
 log = logging.getLogger(__name__)
 
@@ -87,50 +88,42 @@ def revoke(db, which: str) -> list[IssuedKey]:
     return matched
 
 
-class KeyCache:
+class KeyCache(Worker):
     """In-memory copy of `issued_keys`, kept fresh by a daemon thread."""
 
     def __init__(self, path: str | Path, interval: float = REFRESH_INTERVAL) -> None:
         self.path = Path(path)
-        self.interval = interval
+        super().__init__("issued-keys", interval=interval, immediately=True, failures=FailureLog(
+            "issued keys", logger=log, failing=f"issued keys: cannot read {self.path} ({{error}}); "
+            "keeping the keys known so far", working=f"issued keys: {self.path} readable again"))
         self.keys: dict[str, IssuedKey] = {}  # key_hash -> key; replaced whole, never mutated
         self.loaded = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="issued-keys", daemon=True)
-        self._thread.start()
+        self._conn: sqlite3.Connection | None = None
+        self._version: int | None = None
+        self.start()
 
     def get(self, key: str) -> IssuedKey | None:
         return self.keys.get(key_hash(key))
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        self.stop(5)
 
-    def _run(self) -> None:
-        conn: sqlite3.Connection | None = None
-        version = None
-        failing = False
-        while not self._stop.is_set():
-            try:
-                if conn is None:
-                    conn = schema.connect(self.path).conn
-                    version = None
-                # data_version changes whenever another connection commits.
-                current = conn.execute("PRAGMA data_version").fetchone()[0]
-                if current != version:
-                    self.keys = {k.key_hash: k for k in load_all(conn)}
-                    version = current
-                if failing:
-                    log.warning("issued keys: %s readable again", self.path)
-                    failing = False
-                self.loaded.set()
-            except sqlite3.Error as exc:
-                if not failing:
-                    log.warning("issued keys: cannot read %s (%s); keeping the keys known so far", self.path, exc)
-                    failing = True
-                if conn is not None:
-                    conn.close()
-                    conn = None
-            self._stop.wait(self.interval)
-        if conn is not None:
-            conn.close()
+    def step(self) -> None:
+        try:
+            if self._conn is None:
+                self._conn = schema.connect(self.path).conn
+                self._version = None
+            # data_version changes whenever another connection commits.
+            current = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if current != self._version:
+                self.keys = {k.key_hash: k for k in load_all(self._conn)}
+                self._version = current
+        except sqlite3.Error:
+            self.finish()  # a new connection next time
+            raise
+        self.loaded.set()
+
+    def finish(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -32,6 +32,7 @@ import redis
 
 from addon.store import schema
 from addon.windows import iso_utc, utc_now
+from addon.worker import FailureLog, Worker
 
 log = logging.getLogger(__name__)
 
@@ -148,63 +149,51 @@ def publish_pending(db: schema.sqlite_utils.Database, client: redis.Redis, *, ba
             return published
 
 
-class Publisher:
+class Publisher(Worker):
     """The proxy's publishing thread: local rows to the Redis Stream, once per interval."""
 
     def __init__(self, db_path: str | Path, url: str, *, interval: float = PUBLISH_INTERVAL,
                  client_factory: Callable[[str], redis.Redis] = connect) -> None:
+        # Logged once per change of state, not once per second.
+        super().__init__("usage-redis-publisher", interval=interval, final_step=True, failures=FailureLog(
+            "publishing rows to Redis", logger=log,
+            failing=f"usage: cannot publish rows to Redis {redacted(url)} ({{error}}); they wait in the local database",
+            working=f"usage: publishing rows to Redis {redacted(url)} again"))
         self.db_path = Path(db_path)
         self.url = url
-        self.interval = interval
         self.published = 0
         self._client_factory = client_factory
-        self._healthy: bool | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="usage-redis-publisher", daemon=True)
-        self._thread.start()
+        self._client: redis.Redis | None = None
+        self._db: schema.sqlite_utils.Database | None = None
+        self.start()
 
     def close(self, timeout: float = 5.0) -> None:
         """Publish what is committed (one last try), then stop."""
-        self._stop.set()
-        self._thread.join(timeout)
+        self.stop(timeout)
 
-    def _run(self) -> None:
-        client: redis.Redis | None = None
-        db: schema.sqlite_utils.Database | None = None
-        while True:
-            stopping = self._stop.wait(self.interval)
-            try:
-                if db is None:
-                    if not self.db_path.exists():
-                        raise FileNotFoundError(self.db_path)
-                    db = schema.connect(self.db_path)
-                    schema.migrate(db)
-                if client is None:
-                    client = self._client_factory(self.url)
-                self.published += publish_pending(db, client)
-                self._state(True, None)
-            except (redis.RedisError, sqlite3.Error, OSError) as exc:
-                self._state(False, exc)
-                if isinstance(exc, (sqlite3.Error, OSError)) and db is not None:
-                    db.conn.close()
-                    db = None
-            if stopping:
-                break
-        if db is not None:
-            db.conn.close()
-        if client is not None:
-            client.close()
+    def step(self) -> None:
+        try:
+            if self._db is None:
+                if not self.db_path.exists():
+                    raise FileNotFoundError(self.db_path)
+                self._db = schema.connect(self.db_path)
+                schema.migrate(self._db)
+            if self._client is None:
+                self._client = self._client_factory(self.url)
+            self.published += publish_pending(self._db, self._client)
+        except (sqlite3.Error, OSError):
+            self._close_db()  # opened again at the next step
+            raise
 
-    def _state(self, healthy: bool, exc: BaseException | None) -> None:
-        # Logged once per change of state, not once per second.
-        if healthy == self._healthy:
-            return
-        if healthy and self._healthy is False:
-            log.warning("usage: publishing rows to Redis %s again", redacted(self.url))
-        elif not healthy:
-            log.warning("usage: cannot publish rows to Redis %s (%s); they wait in the local database",
-                        redacted(self.url), exc)
-        self._healthy = healthy
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.conn.close()
+            self._db = None
+
+    def finish(self) -> None:
+        self._close_db()
+        if self._client is not None:
+            self._client.close()
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""SQLite storage: the schema, its migration, connections and row inserts.
+"""SQLite storage: the schema and its recorded migrations, connections, row bounds and inserts.
 
-The thread that writes the proxy's rows is store/writer.py.
+The thread that writes the proxy's rows is store/writer.py, the rows that
+wait for the database store/spool.py.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ import logging
 import os
 import sqlite3
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+from sqlite_utils import Migrations
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,32 @@ def bound_columns(row: dict[str, Any]) -> None:
             limit = COLUMN_LIMITS.get(key, TEXT_LIMIT)
             if len(value) > limit:
                 row[key] = value[: limit - 1] + "…"
+
+
+def sanitize_row(row: dict[str, Any], warned: set[str]) -> dict[str, Any]:
+    """A copy of a row SQLite refused, with what it can bind: known columns only
+    (each unknown one warned once, through `warned`), ints beyond 64 bits and
+    other objects as text, lone surrogates replaced. Private keys stay as they are."""
+    clean: dict[str, Any] = {}
+    for key, value in row.items():
+        if key.startswith("_"):  # private (a reservation): not a column, kept as is
+            clean[key] = value
+            continue
+        if key not in REQUEST_COLUMNS:
+            if key not in warned:
+                warned.add(key)
+                log.warning("usage: rows carry a column %r that table requests does not have; ignored", key)
+            continue
+        if isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, int):
+            value = value if -(2**63) <= value < 2**63 else str(value)
+        elif value is not None and not isinstance(value, (str, float, bytes)):
+            value = str(value)
+        if isinstance(value, str):
+            value = value.encode("utf-8", "replace").decode("utf-8")  # lone surrogates cannot be bound
+        clean[key] = value
+    return clean
 
 
 REQUEST_INDEXES: list[tuple[str, ...]] = [
@@ -239,6 +268,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Databas
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     db = sqlite_utils.Database(conn)
+    _opened[db] = file_id(Path(path))
     if not readonly:
         if db.journal_mode != "wal":
             db.enable_wal()
@@ -246,38 +276,86 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Databas
     return db
 
 
-def migrate(db: sqlite_utils.Database) -> None:
-    """Create missing tables, columns and indexes. Idempotent.
+# The schema is what these migrations make of a database, in order. Each runs
+# once per database and is recorded in `_sqlite_migrations` (sqlite-utils'
+# Migrations: simonw/sqlite-migrate 0.2 is only an alias of it, so no extra
+# dependency). A change to the schema is a new function at the end; an
+# applied one is never edited. The first one brings a database of any
+# earlier version up; it reads TABLES, so a column added later goes into
+# TABLES and into a new migration that adds it where missing (`add_missing`:
+# on a fresh database the first migration has made it already).
+MIGRATIONS = Migrations("openai-usage-meter")
 
-    Several processes may migrate one file at once (a proxy starting while a
-    command opens the database): a lost race (the file locked past the busy
-    timeout while it switches to WAL, a column another process has just
-    added) is tried again.
+
+def add_missing(db: sqlite_utils.Database, name: str) -> None:
+    """Create table `name` of TABLES, or the columns and indexes it lacks."""
+    columns, pk, indexes = TABLES[name]
+    table = db.table(name)
+    if not table.exists():
+        table.create(columns, pk=pk)
+    else:
+        existing = set(table.columns_dict)
+        for column, kind in columns.items():
+            if column not in existing:
+                table.add_column(column, kind)
+    for index in indexes:
+        table.create_index(list(index), if_not_exists=True, find_unique_name=True)
+
+
+@MIGRATIONS()
+def m001_tables(db: sqlite_utils.Database) -> None:
+    """Every table, column and index of the additive schema that came before
+    recorded migrations, where missing: a database of any earlier version
+    comes up, one made by that code is left as it is."""
+    for name in TABLES:
+        add_missing(db, name)
+    # One row per uid: the collector and spool imports insert with OR IGNORE.
+    db.table("requests").create_index(["uid"], index_name="idx_requests_uid", unique=True, if_not_exists=True)
+
+
+@MIGRATIONS()
+def m002_alerts_dedupe(db: sqlite_utils.Database) -> None:
+    """Each alert fires once across proxy processes: INSERT OR IGNORE on this key (formerly made by alerts.py)."""
+    # A database that never had the index may hold an alert twice: the first one stays.
+    db.execute("DELETE FROM alerts WHERE dedupe IS NOT NULL AND id NOT IN"
+               " (SELECT MIN(id) FROM alerts WHERE dedupe IS NOT NULL GROUP BY dedupe)")
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS alerts_dedupe ON alerts(dedupe)")
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Bring the schema up to date: apply the migrations the database has not recorded.
+
+    The single entry point for every process that opens the database; one
+    read when it is up to date. The migrations run in one IMMEDIATE
+    transaction: of several processes migrating one file at once (a proxy
+    starting beside a command), one applies them and records them, the others
+    wait for the write lock (busy timeout) and then find nothing pending. A
+    lock held past the busy timeout (a file switching to WAL, a long index
+    build) is tried again.
     """
     for attempt in range(4):
         try:
-            _migrate_once(db)
+            if MIGRATIONS.pending(db):
+                _apply_all(db)
             return
         except sqlite3.OperationalError as exc:
-            if attempt == 3 or not ("locked" in str(exc) or "duplicate column" in str(exc)):
+            if attempt == 3 or "locked" not in str(exc):
                 raise
             time.sleep(0.25 * (attempt + 1))
 
 
-def _migrate_once(db: sqlite_utils.Database) -> None:
-    for name, (columns, pk, indexes) in TABLES.items():
-        table = db.table(name)
-        if not table.exists():
-            table.create(columns, pk=pk, if_not_exists=True)
-        else:
-            existing = set(table.columns_dict)
-            for column, kind in columns.items():
-                if column not in existing:
-                    table.add_column(column, kind)
-        for index in indexes:
-            table.create_index(list(index), if_not_exists=True, find_unique_name=True)
-    # One row per uid: the collector and spool imports insert with OR IGNORE.
-    db.table("requests").create_index(["uid"], index_name="idx_requests_uid", unique=True, if_not_exists=True)
+def _apply_all(db: sqlite_utils.Database) -> None:
+    if db.conn.in_transaction:  # the caller's transaction: its own lock (each migration in a savepoint)
+        MIGRATIONS.apply(db)
+        return
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        MIGRATIONS.apply(db)  # reads what is pending again, under the lock
+        db.conn.commit()
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.rollback()
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,10 +472,19 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def file_id(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of a file, None when it is missing: tells a moved or
-    deleted database from the one a connection has open."""
+    """(device, inode) of a file, None when it is missing."""
     try:
         st = path.stat()
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+# The file each connection opened (connect()), for `moved`.
+_opened: weakref.WeakKeyDictionary[sqlite_utils.Database, tuple[int, int] | None] = weakref.WeakKeyDictionary()
+
+
+def moved(db: sqlite_utils.Database, path: str | Path) -> bool:
+    """True when the file at `path` is no longer the one `db` has open (deleted or moved
+    away): writing on would go into a file nobody can see any more."""
+    return file_id(Path(path)) != _opened.get(db)

@@ -227,7 +227,6 @@ def evaluate_alerts(db, config: config_mod.Config, width: str, now: datetime | N
 
     now = now or datetime.now(timezone.utc)
     matcher = PoolMatcher(config)
-    alerts_mod.ensure_dedupe_index(db)
     used_by_pool: dict[str, int] = {}
     statuses = []
     for pool in config.pools.values():
