@@ -49,7 +49,7 @@ from addon.ledger.leases import LEASE_IDLE, LEASE_LIMIT_SHARE, LEASE_SHARE, Leas
 from addon.ledger.policy import Check, Decision, never_fits
 from addon.ledger.pool_status import PoolStatus
 from addon.ledger.published import record_reset, write_pools
-from addon.ledger.reservations import HEARTBEAT_INTERVAL, RESERVATION_TTL
+from addon.ledger.reservations import HEARTBEAT_INTERVAL
 from addon.store import schema
 from addon.store.schema import Reservation
 from addon.windows import utc_now
@@ -59,9 +59,6 @@ log = logging.getLogger(__name__)
 LEDGER_BUSY_TIMEOUT_MS = 2000
 
 Clock = Callable[[], datetime]
-
-__all__ = ["RESERVATION_TTL", "HEARTBEAT_INTERVAL", "LEASE_IDLE", "Ledger", "Clock"]
-
 
 class Ledger:
     """Admission and counters over one SQLite connection, used by one thread (leases: any thread)."""
