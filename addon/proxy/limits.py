@@ -1,8 +1,9 @@
 """The mitmproxy addon that stops requests a spent pool cannot afford.
 
-Runs after UsageMeter (which has classified the request). Most requests are
-admitted in memory from this process's lease (see limits.py); the others are
-decided on the ledger thread, and the event loop only awaits the answer. A refused
+Runs after UsageMeter (which has classified the request). It drives a ledger
+(ledger/backend.py: the SQLite one, or the Redis one with `usage_redis`). Most
+requests are admitted in memory from this process's lease (ledger/leases.py);
+the others are decided on the ledger thread, and the event loop only awaits the answer. A refused
 request never reaches OpenAI: it gets an OpenAI-shaped 429 that the official
 SDKs do not retry (`usage_block=reject`) or its connection is killed
 (`usage_block=kill`), and it is recorded with outcome `blocked`.
@@ -445,10 +446,10 @@ class Limits:
                 ledger.landed(held.id, held.owner or "", settled)
 
     def on_row(self, call: Call, row: dict[str, Any]) -> None:
-        # Settled at once: the request's usage counts against the lease now
-        # (usage beyond the estimate too), and the writer takes it off the
-        # lease in the transaction that inserts the row (store/schema.insert_rows);
-        # what the estimate had too many is spare for the next requests.
+        # Settled at once: the request's usage counts in the ledger now (usage
+        # beyond the estimate too); the SQLite ledger marks the row so that the
+        # writer takes it off the lease in the transaction that inserts it
+        # (store/schema.insert_rows).
         self._remember(row, row.get("total_tokens") or 0)
         reservation: Reservation | None = call.extra.get("reservation")
         ledger = self.ledger
