@@ -60,6 +60,7 @@ LEDGER_BUSY_TIMEOUT_MS = 2000
 
 Clock = Callable[[], datetime]
 
+
 class Ledger:
     """Admission and counters over one SQLite connection, used by one thread (leases: any thread)."""
 
