@@ -43,8 +43,9 @@ models = ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]
 
 def admission_latency(workdir: Path, url: str, samples: int) -> dict[str, list[float]]:
     from addon import config as config_mod
+    from addon.ledger.policy import checks_for
     from addon.ledger.redis_ledger import RedisLedger
-    from addon.ledger.sqlite_ledger import Ledger, checks_for
+    from addon.ledger.sqlite_ledger import Ledger
 
     config = config_mod.parse(CONFIG)
     checks = checks_for(config, "premium", None, None)

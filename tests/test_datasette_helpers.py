@@ -41,7 +41,7 @@ def run_canned(db: Path, name: str, **params: str) -> list[dict]:
 
 def publish_pools(db_path: Path, config, now: datetime | None = None) -> None:
     """Write `pools` and `pool_windows` the way the proxy does."""
-    from addon.ledger.sqlite_ledger import write_pools
+    from addon.ledger.published import write_pools
     from addon.store import schema
 
     now = now or datetime.now(timezone.utc)

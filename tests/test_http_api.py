@@ -347,7 +347,7 @@ def test_read_routes_follow_datasettes_allow(tmp_path):
     from test_datasette_helpers import Datasette, metadata
 
     from addon import config as config_mod
-    from addon.ledger.sqlite_ledger import write_pools
+    from addon.ledger.published import write_pools
     from addon.store import schema
 
     db = schema.connect(tmp_path / "usage.db")

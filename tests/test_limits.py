@@ -9,16 +9,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from addon import config as config_mod
-from addon.ledger.sqlite_ledger import (
-    Check,
-    Ledger,
-    checks_for,
-    estimate_tokens,
-    never_fits,
-    refusal_message,
-    window_rows,
-    write_pools,
-)
+from addon.ledger.policy import Check, checks_for, never_fits, refusal_message
+from addon.ledger.published import window_rows, write_pools
+from addon.ledger.sqlite_ledger import Ledger
 from addon.store import schema
 from addon.store.writer import Writer
 from addon.windows import Window, iso_utc
@@ -84,17 +77,6 @@ def test_window_rows_cover_the_future_without_gaps():
     for earlier, later in zip(rows, rows[1:], strict=False):
         assert earlier["end"] == later["start"]
     assert any(r["start"] == "2026-10-24T22:00:00.000Z" and r["end"] == "2026-10-25T23:00:00.000Z" for r in rows)
-
-
-# -- estimates -------------------------------------------------------------
-
-
-def test_estimate_uses_output_cap_and_ignores_base64_images():
-    assert estimate_tokens(400, b"{}", 50, 1024, "chat.completions") == 150
-    assert estimate_tokens(400, b"{}", None, 1024, "chat.completions") == 100 + 1024
-    assert estimate_tokens(400, b"{}", None, 1024, "embeddings") == 100
-    image = b'{"url": "data:image/png;base64,' + b"A" * 400_000 + b'"}'
-    assert estimate_tokens(len(image), image, 10, 1024, "chat.completions") < 2_000
 
 
 # -- ledger ----------------------------------------------------------------
@@ -238,10 +220,10 @@ def test_stale_reservations_expire(setup, monkeypatch):
     assert crashed.admit(checks, 900).admitted
     crashed.close()  # never settles: a kill -9
     assert not ledger.admit(checks, 200).admitted
-    import addon.ledger.sqlite_ledger as limits
+    import addon.ledger.reservations as reservations
 
-    real_time = limits.time.time
-    monkeypatch.setattr(limits.time, "time", lambda: real_time() + limits.RESERVATION_TTL + 1)
+    real_time = reservations.time.time
+    monkeypatch.setattr(reservations.time, "time", lambda: real_time() + reservations.RESERVATION_TTL + 1)
     assert ledger.admit(checks, 200).admitted
     ledger.heartbeat()
     owners = [r[0] for r in db.execute("select owner from reservations")]

@@ -25,7 +25,9 @@ from test_datasette_helpers import Datasette
 from addon import config as config_mod
 from addon.datasette.plugin import register_functions
 from addon.ledger import pool_status
-from addon.ledger.sqlite_ledger import Check, Ledger, write_pools
+from addon.ledger.policy import Check
+from addon.ledger.published import write_pools
+from addon.ledger.sqlite_ledger import Ledger
 from addon.store import schema
 from addon.tools import top
 from addon.windows import iso_utc

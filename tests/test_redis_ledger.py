@@ -11,9 +11,10 @@ import pytest
 import redis
 
 from addon import config as config_mod
+from addon.ledger.policy import checks_for
 from addon.ledger.redis_ledger import RedisLedger
-from addon.ledger.sqlite_ledger import checks_for
 from addon.store import schema
+from addon.store.schema import Reservation
 
 CONFIG = """
 timezone = "Europe/Paris"
@@ -50,6 +51,11 @@ def row(pool, key_id, tokens, **more):
     return {"pool": pool, "key_id": key_id, "total_tokens": tokens, **more}
 
 
+def held(decision):
+    """What an admitted call carries to its row (Limits: call.extra["reservation"])."""
+    return Reservation(decision.reservation, decision.estimate, decision.owner)
+
+
 def status_of(led, pool="premium", key=None):
     return next(s for s in led.status() if s.pool == pool and s.key_id == key)
 
@@ -80,7 +86,7 @@ def test_three_hosts_24_clients_one_pool(tmp_path, redis_server, config):
                 outcomes.append(decision.admitted)
             if decision.admitted:
                 time.sleep(rng.random() * 0.01)
-                led.record(row("premium", None, actual), decision.owner)
+                led.record(row("premium", None, actual), held(decision))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(24)]
     for t in threads:
@@ -111,7 +117,7 @@ def test_key_limit_and_refusal_numbers(tmp_path, redis_server, config):
     refused = led.admit(checks(config, key="k1"), 200)
     assert not refused.admitted and refused.check.key_id == "k1"
     assert (refused.used, refused.reserved, refused.estimate) == (0, 400, 200)
-    led.record(row("premium", "k1", 300), first.owner)
+    led.record(row("premium", "k1", 300), held(first))
     led.flush()
     assert (status_of(led, key="k1").used, status_of(led, key="k1").reserved) == (300, 0)
     assert status_of(led).used == 300  # the key's tokens are the pool's too
@@ -125,7 +131,7 @@ def test_skewed_clocks_count_into_the_same_window(tmp_path, redis_server, config
                    clock=lambda: datetime.now(timezone.utc) + timedelta(hours=5))
     exact = ledger(redis_server, tmp_path, config, "exact")
     decision = ahead.admit(checks(config), 2000)
-    ahead.record(row("premium", None, 2000), decision.owner)
+    ahead.record(row("premium", None, 2000), held(decision))
     ahead.flush()
     assert not exact.admit(checks(config), 1500).admitted
     a, e = status_of(ahead), status_of(exact)
@@ -138,7 +144,7 @@ def test_skewed_clocks_count_into_the_same_window(tmp_path, redis_server, config
 def test_reset_is_seen_by_every_host(tmp_path, redis_server, config):
     one, two = ledger(redis_server, tmp_path, config, "one"), ledger(redis_server, tmp_path, config, "two")
     decision = one.admit(checks(config), 2900)
-    one.record(row("premium", None, 2900), decision.owner)
+    one.record(row("premium", None, 2900), held(decision))
     one.flush()
     assert not two.admit(checks(config), 200).admitted
     two.add_reset("premium", note="test")
@@ -171,7 +177,7 @@ def test_heartbeat_keeps_live_reservations(tmp_path, redis_server, config):
 def test_rolling_window(tmp_path, redis_server, config):
     led = ledger(redis_server, tmp_path, config)
     decision = led.admit(checks(config, "rolling"), 600)
-    led.record(row("rolling", None, 600), decision.owner)
+    led.record(row("rolling", None, 600), held(decision))
     led.flush()
     assert not led.admit(checks(config, "rolling"), 600).admitted
     status = status_of(led, "rolling")

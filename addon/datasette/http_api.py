@@ -17,9 +17,9 @@ as `Authorization: Bearer` or `X-Admin-Token` (else 401):
     GET  /admin/usage/{key_id}
 
 Figures come from pool_status (the one computation the proxy, `status` and
-`top` use); writes reuse limits.record_reset, issued_keys.create/revoke and
-reconcile.fetch, on Datasette's write thread or a thread of their own, never
-on the event loop.
+`top` use); writes reuse published.record_reset, issued_keys.create/revoke and
+ledger/reconcile.fetch, on Datasette's write thread or a thread of their own,
+never on the event loop.
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ import html
 import json
 import os
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo
 
 import sqlite_utils
 from datasette.utils.asgi import Response
 
 from addon import config as config_mod
-from addon.ledger import pool_status
-from addon.ledger.sqlite_ledger import record_reset
+from addon.ledger import pool_status, reconcile
+from addon.ledger.published import record_reset
 from addon.store import issued_keys, schema
-from addon.tools import reconcile
 from addon.windows import iso_utc, local_midnight, utc_now
 
 ADMIN_TOKEN_ENV = "USAGE_ADMIN_TOKEN"
@@ -94,8 +94,29 @@ async def _statuses(datasette) -> list[dict[str, Any]]:
     return json.loads(result.first()["s"])
 
 
-def _tz_of(statuses: list[dict[str, Any]]):
-    return pool_status.ZoneInfo(statuses[0]["timezone"] if statuses and statuses[0]["timezone"] else "UTC")
+def _tz_of(statuses: list[dict[str, Any]]) -> ZoneInfo:
+    return ZoneInfo(statuses[0]["timezone"] if statuses and statuses[0]["timezone"] else "UTC")
+
+
+class Reading(NamedTuple):
+    """What every read route starts from: `?days=` (0 when the route takes none), the pools' status, their timezone."""
+
+    days: int
+    statuses: list[dict[str, Any]]
+    tz: ZoneInfo
+
+
+async def _reading(request, datasette, *, admin: bool = False, days: bool = True) -> Reading | Response:
+    """The first lines of a read route, or the Response that refuses it: who may read (Datasette's own
+    rules, or the admin token for `admin` routes), then `?days=`, then the status of every pool."""
+    refused = _refused(request) if admin else await _forbidden(request, datasette)
+    if refused:
+        return refused
+    wanted = _days(request) if days else 0
+    if isinstance(wanted, Response):
+        return wanted
+    statuses = await _statuses(datasette)
+    return Reading(wanted, statuses, _tz_of(statuses))
 
 
 # -- the old API -------------------------------------------------------------------
@@ -110,12 +131,12 @@ async def health(request, datasette):
 
 
 async def usage(request, datasette):
-    if forbidden := await _forbidden(request, datasette):
-        return forbidden
-    statuses = await _statuses(datasette)
+    reading = await _reading(request, datasette, days=False)
+    if isinstance(reading, Response):
+        return reading
     now = utc_now()
-    body: dict[str, Any] = {"date": now.astimezone(_tz_of(statuses)).date().isoformat()}
-    for row in statuses:
+    body: dict[str, Any] = {"date": now.astimezone(reading.tz).date().isoformat()}
+    for row in reading.statuses:
         if row["key_id"] is not None:
             continue
         body[row["pool"]] = {
@@ -134,14 +155,11 @@ async def usage(request, datasette):
 
 
 async def history(request, datasette):
-    if forbidden := await _forbidden(request, datasette):
-        return forbidden
-    days = _days(request)
-    if isinstance(days, Response):
-        return days
-    statuses = await _statuses(datasette)
-    tz = _tz_of(statuses)
-    pools = list(dict.fromkeys(row["pool"] for row in statuses))
+    reading = await _reading(request, datasette)
+    if isinstance(reading, Response):
+        return reading
+    days, tz = reading.days, reading.tz
+    pools = list(dict.fromkeys(row["pool"] for row in reading.statuses))
     now = utc_now()
     date = request.args.get("date")
     db = _db(datasette)
@@ -188,14 +206,11 @@ async def history(request, datasette):
 
 
 async def alerts(request, datasette):
-    if forbidden := await _forbidden(request, datasette):
-        return forbidden
-    days = _days(request)
-    if isinstance(days, Response):
-        return days
-    statuses = await _statuses(datasette)
-    tz = _tz_of(statuses)
-    since = local_midnight(utc_now().astimezone(tz).date() - timedelta(days=days - 1), tz)
+    reading = await _reading(request, datasette)
+    if isinstance(reading, Response):
+        return reading
+    tz = reading.tz
+    since = local_midnight(utc_now().astimezone(tz).date() - timedelta(days=reading.days - 1), tz)
     result = await _db(datasette).execute(
         'SELECT id, ts, pool, key_id, threshold, used, "limit", message, delivered FROM alerts'
         " WHERE ts >= :since ORDER BY ts DESC, id DESC", {"since": iso_utc(since)})
@@ -387,16 +402,11 @@ async def revoke_key(request, datasette):
 
 
 async def key_usage(request, datasette):
-    refused = _refused(request)
-    if refused:
-        return refused
-    days = _days(request)
-    if isinstance(days, Response):
-        return days
+    reading = await _reading(request, datasette, admin=True)
+    if isinstance(reading, Response):
+        return reading
     key_id = request.url_vars["key_id"]
-    statuses = await _statuses(datasette)
-    tz = _tz_of(statuses)
-    first = (utc_now().astimezone(tz).date() - timedelta(days=days - 1)).isoformat()
+    first = (utc_now().astimezone(reading.tz).date() - timedelta(days=reading.days - 1)).isoformat()
     db = _db(datasette)
     per_day = await db.execute(
         "SELECT day, count(*) AS requests, coalesce(sum(total_tokens), 0) AS tokens, round(sum(cost_usd), 9)"
@@ -409,7 +419,7 @@ async def key_usage(request, datasette):
                                    " WHERE key_id = :key", {"key": key_id})).first()
     except Exception:  # no issued_keys table in this database
         issued = None
-    scopes = [row for row in statuses if row["key_id"] == key_id]
+    scopes = [row for row in reading.statuses if row["key_id"] == key_id]
     if not per_day.rows and issued is None and not scopes and latest["last_seen"] is None:
         return _error(404, f"nothing known about key {key_id!r}")
     return Response.json({

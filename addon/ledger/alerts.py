@@ -24,7 +24,7 @@ from typing import Any
 
 import sqlite_utils
 
-from addon.ledger.sqlite_ledger import window_phrase
+from addon.ledger.policy import window_phrase
 from addon.store import schema
 from addon.windows import iso_utc
 from addon.worker import FailureLog, QueueWorker

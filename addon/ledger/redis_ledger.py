@@ -36,7 +36,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -47,8 +47,12 @@ import redis
 from addon.config import Config, Pool
 from addon.ledger import pool_status
 from addon.ledger.estimate import PreviousUsage
-from addon.ledger.sqlite_ledger import RESERVATION_TTL, Check, Decision, PoolStatus, record_reset, write_pools
+from addon.ledger.policy import Check, Decision
+from addon.ledger.pool_status import PoolStatus
+from addon.ledger.published import record_reset, write_pools
+from addon.ledger.reservations import RESERVATION_TTL
 from addon.store import redis_rows, schema
+from addon.store.schema import Reservation
 from addon.windows import Window, iso_utc, utc_now
 from addon.worker import FailureLog, QueueWorker
 
@@ -265,7 +269,7 @@ class RedisLedger:
     (settlements go to Redis from a thread of their own, in pipelines).
     """
 
-    def __init__(self, url: str, path: str | Path, config: Config, clock=utc_now,
+    def __init__(self, url: str, path: str | Path, config: Config, clock: Callable[[], datetime] = utc_now,
                  client: redis.Redis | None = None, ttl: float = RESERVATION_TTL) -> None:
         self.url = url
         self.ttl = ttl
@@ -375,13 +379,15 @@ class RedisLedger:
         return f"{self.process}#{self._seq}"
 
     # -- settlement (event loop: queued, never waits) --------------------
-    def give_back(self, reservation: Any, estimate: int, owner: str) -> None:
-        """An admitted request that will never be recorded: its reservation goes."""
+    def give_back(self, reservation: int | None, estimate: int, owner: str) -> None:
+        """An admitted request that will never be recorded: its reservation (named by `owner`) goes."""
         self._queue(Settlement(owner, 0, "", self._reserved_scopes(owner)))
 
-    def record(self, row: dict[str, Any], owner: str | None) -> None:
+    def record(self, row: dict[str, Any], reservation: Reservation | None) -> bool:
         """A finished call's row: its reservation goes and its tokens count in its pool and key, at once,
-        once per response id across every proxy (one script, from the settlement thread)."""
+        once per response id across every proxy (one script, from the settlement thread). False: no debts
+        wait here."""
+        owner = reservation.owner if reservation is not None else None
         pool, key_id = row.get("pool"), row.get("key_id")
         tokens = row.get("total_tokens") or 0
         scopes = list(self._reserved_scopes(owner)) if owner else []
@@ -390,12 +396,13 @@ class RedisLedger:
                 if scope not in scopes:
                     scopes.append(scope)
         if not owner and (not scopes or tokens <= 0):
-            return
+            return False
         previous = None
         if tokens and row.get("response_id"):
             previous = (row["response_id"], row.get("conversation"), row.get("input_tokens") or 0,
                         row.get("output_tokens") or 0)
         self._queue(Settlement(owner or "", max(int(tokens), 0), row.get("response_id") or "", scopes, previous))
+        return False
 
     def _reserved_scopes(self, owner: str) -> list[tuple[str, str | None]]:
         with self._live_lock:
@@ -454,8 +461,11 @@ class RedisLedger:
         input_tokens, _, output_tokens = value.partition(",")
         return PreviousUsage(int(input_tokens), int(output_tokens))
 
-    # The SQLite ledger's lease bookkeeping has no counterpart here.
-    def landed(self, reservation: Any, owner: str, used: int) -> None:
+    # The SQLite ledger's lease bookkeeping has no counterpart here: usage goes to Redis as it settles.
+    def landed(self, reservation: int | None, owner: str, used: int) -> None:
+        pass
+
+    def pay_debts(self) -> None:
         pass
 
     def give_up_crossed(self) -> None:

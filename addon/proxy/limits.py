@@ -1,8 +1,9 @@
 """The mitmproxy addon that stops requests a spent pool cannot afford.
 
-Runs after UsageMeter (which has classified the request). Most requests are
-admitted in memory from this process's lease (see limits.py); the others are
-decided on the ledger thread, and the event loop only awaits the answer. A refused
+Runs after UsageMeter (which has classified the request). It drives a ledger
+(ledger/backend.py: the SQLite one, or the Redis one with `usage_redis`). Most
+requests are admitted in memory from this process's lease (ledger/leases.py);
+the others are decided on the ledger thread, and the event loop only awaits the answer. A refused
 request never reaches OpenAI: it gets an OpenAI-shaped 429 that the official
 SDKs do not retry (`usage_block=reject`) or its connection is killed
 (`usage_block=kill`), and it is recorded with outcome `blocked`.
@@ -23,21 +24,16 @@ from typing import Any
 from mitmproxy import command, ctx, exceptions, http
 
 from addon.ledger.alerts import AlertEvaluator, WebhookSender
+from addon.ledger.backend import LedgerBackend
 from addon.ledger.estimate import PreviousUsage, estimate, is_continuation
+from addon.ledger.policy import Check, Decision, checks_for, never_fits, refusal_message, seconds_until
 from addon.ledger.redis_ledger import RedisLedger
-from addon.ledger.sqlite_ledger import (
-    HEARTBEAT_INTERVAL,
-    Check,
-    Decision,
-    Ledger,
-    checks_for,
-    never_fits,
-    refusal_message,
-    seconds_until,
-)
+from addon.ledger.reservations import HEARTBEAT_INTERVAL
+from addon.ledger.sqlite_ledger import Ledger
 from addon.metering.wire import RequestFacts
 from addon.proxy.meter import Call, UsageMeter
 from addon.store.schema import Reservation
+from addon.windows import utc_now
 from addon.worker import FailureLog, Worker
 
 log = logging.getLogger(__name__)
@@ -45,6 +41,9 @@ log = logging.getLogger(__name__)
 ADMISSION_TIMEOUT = 3.0  # seconds before the fail policy decides
 TICK_INTERVAL = 1.0  # alerts evaluation and reset pick-up
 RECENT_RESPONSES = 4096  # usage of the latest responses, for continuations before their rows land
+
+# An admission's waiter and what the ledger thread answered: a decision, or why it could not.
+Outcome = tuple["asyncio.Future[Decision]", Decision | None, BaseException | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +69,7 @@ class Limits:
     def __init__(self, meter: UsageMeter) -> None:
         self.meter = meter
         meter.listeners.append(self)
-        self.ledger: Ledger | RedisLedger | None = None
+        self.ledger: LedgerBackend | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.alerts: AlertEvaluator | None = None
         self.sender: WebhookSender | None = None
@@ -81,7 +80,7 @@ class Limits:
         self._failing = False
         # Admissions waiting for the ledger: (checks, estimate, waiter); the
         # estimate is a function of the ledger when it needs a look-up.
-        self._pending: list[tuple[list, Any, asyncio.Future]] = []
+        self._pending: list[tuple[list[Check], int | Callable[[LedgerBackend], int], asyncio.Future[Decision]]] = []
         # response id (and "conversation:" + id) -> usage, as settled here: a
         # continuation's previous response is usually the one just finished.
         self.recent: OrderedDict[str, PreviousUsage] = OrderedDict()
@@ -154,7 +153,7 @@ class Limits:
 
     # -- ledger thread -----------------------------------------------------
     @staticmethod
-    def _give_up_leases(ledger: Ledger, final: bool) -> None:
+    def _give_up_leases(ledger: LedgerBackend, final: bool) -> None:
         try:
             if final:
                 ledger.release_all()
@@ -221,22 +220,24 @@ class Limits:
             decisions = ledger.admit_many([(checks, estimate if isinstance(estimate, int) else estimate(ledger))
                                            for checks, estimate, _ in batch])
         except BaseException as exc:
-            loop.call_soon_threadsafe(self._resolve, [(waiter, None, exc) for _, _, waiter in batch])
+            failed: list[Outcome] = [(waiter, None, exc) for _, _, waiter in batch]
+            loop.call_soon_threadsafe(self._resolve, failed)
             return
-        loop.call_soon_threadsafe(self._resolve, [(w, d, None) for (_, _, w), d in zip(batch, decisions, strict=True)])
+        decided: list[Outcome] = [(w, d, None) for (_, _, w), d in zip(batch, decisions, strict=True)]
+        loop.call_soon_threadsafe(self._resolve, decided)
         fresh = [d for d in decisions if not d.admitted and d.check is not None and self.alerts.note_exhausted(
             d.check.pool.name, d.check.key_id, d.window_start)]
         if fresh:  # the first refusal of a window: the pool is at 100%
             self._periodic("_evaluate_alerts", self._evaluate_alerts)
 
-    def _resolve(self, outcomes: list[tuple[asyncio.Future, Decision | None, BaseException | None]]) -> None:
+    def _resolve(self, outcomes: list[Outcome]) -> None:
         """Hand decisions to the waiting requests (event loop)."""
         for waiter, decision, exc in outcomes:
             if waiter.done():  # gave up waiting (timeout): give a late admission back
-                if decision is not None and decision.admitted and decision.reservation is not None and self.ledger:
-                    self.ledger.give_back(decision.reservation, decision.estimate, decision.owner or "")
-            elif exc is not None:
-                waiter.set_exception(exc)
+                if decision is not None and decision.admitted and decision.owner is not None and self.ledger:
+                    self.ledger.give_back(decision.reservation, decision.estimate, decision.owner)
+            elif decision is None:
+                waiter.set_exception(exc or RuntimeError("usage ledger gave no decision"))
             else:
                 waiter.set_result(decision)
 
@@ -309,7 +310,7 @@ class Limits:
                 previous = self.previous_known(facts.previous_response_id, facts.conversation)
                 if previous is None:
                     # Recorded by another process, or earlier: the database knows (ledger thread).
-                    def with_previous(ledger: Ledger) -> int:
+                    def with_previous(ledger: LedgerBackend) -> int:
                         found = ledger.previous_usage(facts.previous_response_id, facts.conversation)
                         return estimate(facts, endpoint, config, found, body)
 
@@ -331,7 +332,7 @@ class Limits:
             return self.recent.get("conversation:" + conversation)
         return None
 
-    def _queue(self, checks: list[Check], needed: int | Callable[[Ledger], int]) -> asyncio.Future[Decision]:
+    def _queue(self, checks: list[Check], needed: int | Callable[[LedgerBackend], int]) -> asyncio.Future[Decision]:
         # Requests arriving together are decided together: one ledger
         # transaction and one wake-up of each thread for the whole group.
         loop = asyncio.get_running_loop()
@@ -353,8 +354,8 @@ class Limits:
     def _admitted(self, call: Call, decision: Decision, upgrade: bool) -> None:
         if upgrade or call.finished:
             # An upgrade uses nothing; a client that left while we waited is recorded against nothing.
-            if self.ledger is not None and decision.reservation is not None:
-                self.ledger.give_back(decision.reservation, decision.estimate, decision.owner or "")
+            if self.ledger is not None and decision.owner is not None:
+                self.ledger.give_back(decision.reservation, decision.estimate, decision.owner)
             return
         call.extra["reservation"] = Reservation(decision.reservation, decision.estimate, decision.owner)
 
@@ -376,7 +377,7 @@ class Limits:
         return self._refusal(decision)
 
     def _refusal(self, decision: Decision) -> Refusal:
-        return Refusal(429, decision, refusal_message(decision, self.ledger.clock() if self.ledger else None))
+        return Refusal(429, decision, refusal_message(decision, self.ledger.clock() if self.ledger else utc_now()))
 
     def _fail(self, checks, exc: BaseException) -> Refusal | None:
         policy = ctx.options.usage_fail or ("closed" if any(c.pool.fail == "closed" for c in checks) else "open")
@@ -436,39 +437,27 @@ class Limits:
                 ledger.landed(held.id, held.owner or "", settled)
 
     def on_row(self, call: Call, row: dict[str, Any]) -> None:
-        # Settled at once: the request's usage counts against the lease now
-        # (usage beyond the estimate too), and the writer takes it off the
-        # lease in the transaction that inserts the row (store/schema.insert_rows);
-        # what the estimate had too many is spare for the next requests.
-        used = row.get("total_tokens") or 0
-        self._remember(row, used)
+        # Settled at once: the request's usage counts in the ledger now (usage
+        # beyond the estimate too); the SQLite ledger marks the row so that the
+        # writer takes it off the lease in the transaction that inserts it
+        # (store/schema.insert_rows).
+        self._remember(row, row.get("total_tokens") or 0)
         reservation: Reservation | None = call.extra.get("reservation")
-        if isinstance(self.ledger, RedisLedger):  # counted in Redis now, once per response id across hosts
-            self.ledger.record(row, reservation.owner if reservation else None)
-            return
-        if reservation is None:
-            if used and self.ledger is not None and row.get("pool"):
-                self.ledger.unforeseen(row["pool"], used)
-            return
-        reservation_id, estimate, owner = reservation.id, reservation.tokens, reservation.owner
-        held = estimate
         ledger = self.ledger
-        if ledger is not None and owner is not None:
-            held = ledger.settle(reservation_id, owner, estimate, used)
-            if used and held == used:
-                row["_settled"] = used
-            if used > estimate and self.executor is not None:
-                try:  # the usage beyond the estimate goes into the database now, not at the next admission
-                    self.executor.submit(self._pay_debts, ledger)
-                except RuntimeError:
-                    pass  # shutting down
-        row["_reservation"] = Reservation(reservation_id, held, owner)
+        if ledger is None:
+            if reservation is not None:  # the writer still takes it off its row
+                row["_reservation"] = reservation
+            return
+        if ledger.record(row, reservation) and self.executor is not None:
+            try:  # the usage beyond the estimate goes into the database now, not at the next admission
+                self.executor.submit(self._pay_debts, ledger)
+            except RuntimeError:
+                pass  # shutting down
 
     @staticmethod
-    def _pay_debts(ledger: Ledger) -> None:
+    def _pay_debts(ledger: LedgerBackend) -> None:
         try:
-            if ledger.has_debt():
-                ledger.release_idle()
+            ledger.pay_debts()
         except Exception as exc:
             log.debug("usage: could not record usage beyond estimates yet: %s", exc)
 

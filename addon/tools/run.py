@@ -50,7 +50,7 @@ def _bin(name: str) -> str:
 def prepare_database(db_path: Path, config_path: str | None) -> None:
     """Validate the config, create the tables and publish the pools before anything reads them."""
     from addon import config as config_mod
-    from addon.ledger.sqlite_ledger import write_pools
+    from addon.ledger.published import write_pools
     from addon.store import schema
 
     config = config_mod.load(config_path)  # a bad config stops here, before anything starts

@@ -14,7 +14,7 @@ from rich.table import Table
 from addon import config as config_mod
 from addon.ledger import pool_status
 from addon.ledger.pool_status import PoolStatus
-from addon.ledger.sqlite_ledger import record_reset
+from addon.ledger.published import record_reset
 from addon.store import schema
 from addon.windows import utc_now
 
