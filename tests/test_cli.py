@@ -260,15 +260,14 @@ def test_keys_create_list_revoke(runner, tmp_path, config_file):
     assert revoked.exit_code == 0 and revoked.stdout.startswith(f"revoked {listed[0]['key_id']} (alice, ")
     again = invoke(runner, "keys", "revoke", "alice", "--db", db)
     assert again.exit_code == 1
-    # (these two errors go to stdout, as they always did)
-    assert again.stdout == "error: no active issued key matches 'alice' (give a key id, a label or the key)\n"
+    assert again.stdout == "" and again.stderr == "error: no active issued key matches 'alice' (give a key id, a label or the key)\n"
     listed = json.loads(invoke(runner, "keys", "list", "--json", "--db", db).stdout)
     assert listed[0]["revoked_at"] and listed[1]["revoked_at"] is None
 
 
 def test_keys_create_refuses_an_empty_label(runner, tmp_path):
     result = invoke(runner, "keys", "create", "  ", "--db", tmp_path / "keys.db")
-    assert result.exit_code == 2 and result.stdout == "error: LABEL must not be empty\n"
+    assert result.exit_code == 2 and result.stderr == "error: LABEL must not be empty\n" and result.stdout == ""
 
 
 def test_keys_list_without_keys(runner, tmp_path):

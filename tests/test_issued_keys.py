@@ -145,7 +145,7 @@ def test_cli_list_and_revoke(tmp_path):
     assert "dave" in table and "active" in table
     assert cli("keys", "revoke", wire.key_id(first), "--db", str(db)).returncode == 0
     again = cli("keys", "revoke", wire.key_id(first), "--db", str(db))
-    assert again.returncode == 1 and "no active issued key" in again.stdout
+    assert again.returncode == 1 and "no active issued key" in again.stderr
     listed = json.loads(cli("keys", "list", "--json", "--db", str(db)).stdout)
     assert listed[0]["revoked_at"] and listed[1]["revoked_at"] is None
     conn = schema.connect(db).conn

@@ -23,7 +23,7 @@ def create_key(db_path: str, config_path: str | None, label: str, *, prefix: str
         prefix = config_mod.load(config_path).issued_keys.prefix
     label = label.strip()
     if not label:
-        print("error: LABEL must not be empty")  # on stdout, as before click (tests/test_issued_keys.py)
+        print("error: LABEL must not be empty", file=sys.stderr)
         return 2
     db = _open(db_path)
     try:
@@ -83,7 +83,7 @@ def revoke_key(db_path: str, which: str) -> int:
     finally:
         db.conn.close()
     if not revoked:
-        print(f"error: no active issued key matches {which!r} (give a key id, a label or the key)")  # stdout, as before
+        print(f"error: no active issued key matches {which!r} (give a key id, a label or the key)", file=sys.stderr)
         return 1
     for k in revoked:
         print(f"revoked {k.key_id} ({k.label}, {k.key_hint})")
