@@ -178,6 +178,9 @@ def run(args: RunOptions) -> int:
     db_path = Path(args.db)
     prepare_database(db_path, args.config)
     signal.signal(signal.SIGTERM, _terminated)
+    # Ctrl-C (or SIGINT to the group) stops both even when started from a script in the background,
+    # where SIGINT comes ignored and the children (which handle it themselves) would outlive the wait.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="usage-datasette-") as tmp:
         metadata = metadata_for(db_path, Path(tmp))
         procs: list[subprocess.Popen] = []
