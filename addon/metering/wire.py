@@ -266,6 +266,12 @@ def complete_usage(endpoint: str, usage: Usage | None, request: RequestFacts, fa
 MAX_CALL_TOKENS = 100_000_000
 
 
+@lru_cache(maxsize=16)
+def _checked_fields(kind: type) -> tuple[tuple[str, bool], ...]:
+    """(name, holds an integer) of each field of a usage dataclass: looked up once per class, not per row."""
+    return tuple((item.name, "int" in str(item.type)) for item in fields(kind))
+
+
 def implausible_usage(usage: Usage, bound: int = MAX_CALL_TOKENS) -> str | None:
     """Why `usage` cannot be true (the row then records no usage), else None.
 
@@ -277,20 +283,20 @@ def implausible_usage(usage: Usage, bound: int = MAX_CALL_TOKENS) -> str | None:
     rejected = getattr(usage, "rejected", None)
     if rejected:
         return rejected
-    for item in fields(usage):
-        value = getattr(usage, item.name)
+    for name, integer in _checked_fields(type(usage)):
+        value = getattr(usage, name)
         if value is None or isinstance(value, (str, dict, list, tuple)):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"usage {item.name} is not a number ({type(value).__name__})"
-        if "int" in str(item.type) and not isinstance(value, int):
-            return f"usage {item.name} is not an integer ({value!r})"
+            return f"usage {name} is not a number ({type(value).__name__})"
+        if integer and not isinstance(value, int):
+            return f"usage {name} is not an integer ({value!r})"
         if isinstance(value, float) and not math.isfinite(value):
-            return f"usage {item.name} is not finite"
+            return f"usage {name} is not finite"
         if value < 0:
-            return f"usage {item.name} is negative ({value})"
+            return f"usage {name} is negative ({value})"
         if value > bound:
-            return f"usage {item.name} is implausibly large ({value} > {bound})"
+            return f"usage {name} is implausibly large ({value} > {bound})"
     for part, whole in (("cached_tokens", "input_tokens"), ("reasoning_tokens", "output_tokens")):
         part_value, whole_value = getattr(usage, part, None), getattr(usage, whole, None)
         if isinstance(part_value, int) and isinstance(whole_value, int) and part_value > whole_value:
