@@ -266,10 +266,15 @@ def complete_usage(endpoint: str, usage: Usage | None, request: RequestFacts, fa
 MAX_CALL_TOKENS = 100_000_000
 
 
-@lru_cache(maxsize=16)
-def _checked_fields(kind: type) -> tuple[tuple[str, bool], ...]:
+def _checked_fields(kind: Any) -> tuple[tuple[str, bool], ...]:
     """(name, holds an integer) of each field of a usage dataclass: looked up once per class, not per row."""
-    return tuple((item.name, "int" in str(item.type)) for item in fields(kind))
+    checked = _CHECKED_FIELDS.get(kind)
+    if checked is None:
+        checked = _CHECKED_FIELDS[kind] = tuple((item.name, "int" in str(item.type)) for item in fields(kind))
+    return checked
+
+
+_CHECKED_FIELDS: dict[Any, tuple[tuple[str, bool], ...]] = {}
 
 
 def implausible_usage(usage: Usage, bound: int = MAX_CALL_TOKENS) -> str | None:

@@ -82,9 +82,12 @@ class Chain:
     def _load_commands(self, loader) -> None:
         for addon in self.members:
             for attr in dir(type(addon)):
-                method = getattr(addon, attr) if not attr.startswith("__") else None
-                if isinstance(getattr(method, "command_name", None), str):
-                    loader.add_command(method.command_name, method)
+                if attr.startswith("__"):
+                    continue
+                method = getattr(addon, attr)
+                name = getattr(method, "command_name", None)
+                if isinstance(name, str):
+                    loader.add_command(name, method)
 
 
 def _in_order(calls: list[Callable[..., Any]]) -> Callable[..., Any]:
