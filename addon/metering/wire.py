@@ -511,7 +511,7 @@ class StreamMeter:
         # include_usage is on), errors, and named events of interest.
         interesting = (
             not self._first_seen
-            or ('"usage"' in data and _USAGE_OBJECT.search(data) is not None)
+            or ('"usage"' in data and _usage_object_in(data))
             or '"error"' in data
             or (name is not None and name.startswith(("response.", "error", "transcript.", "speech.")))
         )
@@ -570,6 +570,12 @@ class StreamMeter:
 
 
 _USAGE_OBJECT = re.compile(r'"usage"\s*:\s*\{')
+
+
+def _usage_object_in(data: str) -> bool:
+    # Every chunk says `"usage":null` once include_usage is on: counting is
+    # cheaper than searching, and no `"usage"` followed by `:null` can open an object.
+    return data.count('"usage"') != data.count('"usage":null') and _USAGE_OBJECT.search(data) is not None
 _TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _RESPONSE_EVENTS_WITH_FACTS = _TERMINAL_RESPONSE_EVENTS | {
     "response.created",
