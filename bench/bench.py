@@ -10,6 +10,8 @@ Measured:
 - throughput at saturation: requests/second with N keep-alive connections
   and an upstream that answers at once, so the proxy's CPU is the limit;
   and the CPU time mitmdump spends per request;
+- non-streamed saturation: the same at saturation with a rotation that never
+  streams (chat completions, Responses and embeddings, all answered in one body);
 - throughput with upstream latency: the same mix from more connections to an
   upstream that takes its time like a model does (x-fake-latency before the
   answer, x-fake-delay between stream events): what a proxy in front of the
@@ -62,8 +64,10 @@ def _chat(stream: bool, chunks: int = 8) -> tuple[str, bytes, dict[str, str]]:
     return "/v1/chat/completions", json.dumps(body).encode(), {"x-fake-chunks": str(chunks)}
 
 
-def _responses_stream() -> tuple[str, bytes, dict[str, str]]:
-    body = {"model": "gpt-5", "input": "Summarise the plot of Hamlet.", "stream": True}
+def _responses_stream(stream: bool = True) -> tuple[str, bytes, dict[str, str]]:
+    body: dict = {"model": "gpt-5", "input": "Summarise the plot of Hamlet."}
+    if stream:
+        body["stream"] = True
     return "/v1/responses", json.dumps(body).encode(), {"x-fake-chunks": "8"}
 
 
@@ -74,6 +78,8 @@ def _embeddings() -> tuple[str, bytes, dict[str, str]]:
 
 # Half streamed, half not: what a coding agent plus some batch jobs send.
 MIX = [_chat(False), _chat(True), _responses_stream(), _chat(False), _chat(True), _embeddings()]
+# The same rotation without streams: what batch jobs and agents that do not stream send.
+MIX_UNSTREAMED = [_chat(False), _chat(False), _responses_stream(False), _chat(False), _chat(False), _embeddings()]
 
 
 def request_bytes(port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
@@ -150,9 +156,10 @@ class LoadResult:
 UPSTREAM_LATENCY = {"x-fake-latency": "0.2", "x-fake-delay": "0.02"}
 
 
-async def load(port: int, duration: float, concurrency: int, extra: dict[str, str] | None = None) -> LoadResult:
+async def load(port: int, duration: float, concurrency: int, extra: dict[str, str] | None = None,
+               mix: list[tuple[str, bytes, dict[str, str]]] = MIX) -> LoadResult:
     result = LoadResult()
-    requests = [request_bytes(port, path, body, {**headers, **(extra or {})}) for path, body, headers in MIX]
+    requests = [request_bytes(port, path, body, {**headers, **(extra or {})}) for path, body, headers in mix]
     stop_at = time.perf_counter() + duration
 
     async def worker(index: int) -> None:
@@ -286,8 +293,9 @@ def main() -> int:
     parser.add_argument("--no-pin", action="store_true", help="do not pin mitmdump and the client to separate cores")
     parser.add_argument("--ttfb-samples", type=int, default=60, help="streamed requests for TTFB (default 60)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--scenario", choices=("all", "http", "websocket", "tail"), default="all",
-                        help="http: throughput and TTFB; websocket: Responses WebSocket mode; "
+    parser.add_argument("--scenario", choices=("all", "http", "unstreamed", "websocket", "tail"), default="all",
+                        help="http: throughput and TTFB; unstreamed: only the non-streamed saturation "
+                             "(plain and addon); websocket: Responses WebSocket mode; "
                              "tail: 200 concurrent streams (bench/tail.py) (default: all)")
     parser.add_argument("--ws-sockets", type=int, default=8, help="WebSocket scenario: sockets (default 8)")
     parser.add_argument("--ws-turns", type=int, default=20, help="WebSocket scenario: turns per socket (default 20)")
@@ -314,10 +322,19 @@ def main() -> int:
         (workdir / "meter_only.py").write_text(METER_ONLY)
         (workdir / "stream_sse.py").write_text(STREAM_SSE)
         for name in VARIANTS:
+            if args.scenario == "unstreamed" and name not in ("plain", "addon"):
+                continue
+            if args.scenario == "tail":
+                break
             proxies[name] = Mitmdump(name, workdir, confdir, fake_port, proxy_cpus)
         results: dict = {}
         if args.scenario in ("all", "http"):
             results = run(proxies, psutil.Process(fake.pid), args)
+        if args.scenario == "unstreamed":
+            results = new_results(proxies)
+            for name in ("plain", "addon"):  # warm up
+                asyncio.run(load(proxies[name].port, 1.5, args.concurrency, mix=MIX_UNSTREAMED))
+            unstreamed_rounds({n: proxies[n] for n in ("plain", "addon")}, args, results)
         if args.scenario in ("all", "websocket"):
             from ws_scenario import run_websocket
 
@@ -337,6 +354,8 @@ def main() -> int:
         fake.wait(10)
     if args.scenario in ("all", "http"):
         report(results, args)
+    if args.scenario == "unstreamed":
+        report_unstreamed(results)
     if "websocket" in results:
         from ws_scenario import report_websocket
 
@@ -369,9 +388,14 @@ def _cpu(process: psutil.Process) -> float:
     return times.user + times.system
 
 
+def new_results(proxies: dict[str, Mitmdump]) -> dict:
+    return {name: {"rps": [], "cpu_ms_per_request": [], "cpu_percent": [], "errors": 0, "requests": 0,
+                            "ttfb_ms": [], "latency_rps": [], "latency_cpu_percent": [],
+                            "unstreamed_rps": [], "unstreamed_cpu_ms_per_request": []} for name in proxies}
+
+
 def run(proxies: dict[str, Mitmdump], fake: psutil.Process, args) -> dict:
-    results: dict = {name: {"rps": [], "cpu_ms_per_request": [], "cpu_percent": [], "errors": 0, "requests": 0,
-                            "ttfb_ms": [], "latency_rps": [], "latency_cpu_percent": []} for name in proxies}
+    results = new_results(proxies)
     # Warm up (TLS to upstream, imports, first DB writes), then take the baseline RSS.
     for name in THROUGHPUT:
         asyncio.run(load(proxies[name].port, 1.5, args.concurrency))
@@ -399,6 +423,7 @@ def run(proxies: dict[str, Mitmdump], fake: psutil.Process, args) -> dict:
     time.sleep(1.0)  # let the writer threads finish their last batch
     for name, proxy in proxies.items():
         results[name]["rss_after_mb"] = proxy.rss_mb()
+    unstreamed_rounds(proxies, args, results)
     # The same mix in front of an upstream that takes its time.
     for round_no in range(latency_rounds(args)):
         shift = round_no % len(THROUGHPUT)
@@ -417,6 +442,35 @@ def run(proxies: dict[str, Mitmdump], fake: psutil.Process, args) -> dict:
         for name in TTFB:
             results[name]["ttfb_ms"] += [t * 1000 for t in asyncio.run(first_chunk_times(proxies[name].port, 10))]
     return results
+
+
+def unstreamed_rounds(proxies: dict[str, Mitmdump], args, results: dict) -> None:
+    """Saturation with the rotation that never streams (MIX_UNSTREAMED)."""
+    names = [n for n in THROUGHPUT if n in proxies]
+    for round_no in range(args.rounds):
+        shift = round_no % len(names)
+        for name in names[shift:] + names[:shift]:
+            proxy = proxies[name]
+            cpu_before = proxy.cpu()
+            res = asyncio.run(load(proxy.port, args.duration, args.concurrency, mix=MIX_UNSTREAMED))
+            per_request = (proxy.cpu() - cpu_before) * 1000 / max(res.requests, 1)
+            results[name]["unstreamed_rps"].append(res.rps)
+            results[name]["unstreamed_cpu_ms_per_request"].append(per_request)
+            results[name]["errors"] += res.errors + sum(v for k, v in res.statuses.items() if k != 200)
+            results[name]["requests"] += res.requests
+            print(f"  not streamed, round {round_no + 1}: {name:12} {res.rps:7.1f} req/s  "
+                  f"{per_request:5.2f} ms CPU/request  errors {res.errors}", flush=True)
+
+
+def report_unstreamed(results: dict) -> None:
+    plain, addon = results["plain"], results["addon"]
+    rps = med(addon["unstreamed_rps"]) / med(plain["unstreamed_rps"])
+    cpu = med(addon["unstreamed_cpu_ms_per_request"]) / med(plain["unstreamed_cpu_ms_per_request"])
+    print(f"not streamed, saturation: plain {med(plain['unstreamed_rps']):.1f} req/s, "
+          f"{med(plain['unstreamed_cpu_ms_per_request']):.3f} ms CPU/request; addon {med(addon['unstreamed_rps']):.1f} "
+          f"req/s, {med(addon['unstreamed_cpu_ms_per_request']):.3f} ms CPU/request")
+    print(f"goal: non-streamed saturation at least 0.90x plain: {'met' if rps >= 0.90 else 'MISSED'} "
+          f"({rps:.3f}x; CPU per request {cpu:.3f}x plain)")
 
 
 def med(values: list[float]) -> float:
@@ -461,6 +515,8 @@ def report(results: dict, args) -> None:
     print(f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 10}|")
     print(row("saturation: throughput, req/s", figures("rps", med), "ratio"))
     print(row("saturation: CPU per request, ms", figures("cpu_ms_per_request", med), "ratio"))
+    print(row("not streamed: throughput, req/s", figures("unstreamed_rps", med), "ratio"))
+    print(row("not streamed: CPU per request, ms", figures("unstreamed_cpu_ms_per_request", med), "ratio"))
     print(row("upstream latency: throughput, req/s", figures("latency_rps", med), "ratio"))
     print(row("upstream latency: mitmdump CPU, %", figures("latency_cpu_percent", med), "diff"))
     print(row("first streamed chunk, median ms", figures("ttfb_ms", med), "first-chunk"))
@@ -476,12 +532,17 @@ def report(results: dict, args) -> None:
     streaming_floor = med(stream["rps"]) / med(plain["rps"]) if med(plain["rps"]) else 0.0
     latency = med(addon["latency_rps"]) / med(plain["latency_rps"]) if med(plain["latency_rps"]) else 0.0
     first = med(addon["ttfb_ms"]) - med(stream["ttfb_ms"])
+    unstreamed = med(addon["unstreamed_rps"]) / med(plain["unstreamed_rps"]) if med(plain["unstreamed_rps"]) else 0.0
     print()
     print(f"goals: throughput >= 0.95 of plain, with upstream latency: {'met' if latency >= 0.95 else 'MISSED'} "
           f"({latency:.3f}); at saturation: {'met' if throughput >= 0.95 else 'MISSED'} ({throughput:.3f}; "
           f"plain mitmdump that streams SSE: {streaming_floor:.3f}); "
           f"first chunk within 5 ms of plain: {'met' if first <= 5 else 'MISSED'} ({first:+.2f} ms)")
+    print(f"goal: non-streamed saturation at least 0.90x plain: {'met' if unstreamed >= 0.90 else 'MISSED'} "
+          f"({unstreamed:.3f}x; CPU per request "
+          f"{med(addon['unstreamed_cpu_ms_per_request']) / med(plain['unstreamed_cpu_ms_per_request']):.3f}x plain)")
     results["summary"] = {"throughput_ratio": throughput, "latency_throughput_ratio": latency,
+                          "unstreamed_throughput_ratio": unstreamed,
                           "streaming_floor": streaming_floor, "ttfb_diff_ms": first,
                           "cpu_ratio": med(addon["cpu_ms_per_request"]) / med(plain["cpu_ms_per_request"])}
 

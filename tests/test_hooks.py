@@ -154,3 +154,30 @@ def test_periodic_ledger_failures_warn_once_per_change_of_state(caplog):
         (logging.WARNING, "usage: periodic ledger work (release_idle) failed: disk I/O error; retrying quietly"),
         (logging.INFO, "usage: periodic ledger work (release_idle) works again"),
     ]
+
+
+def test_an_upstream_failure_before_the_answer_is_an_error_row_with_mitmproxy_s_502(meter):
+    flow = _flow()
+    meter.request(flow)
+    flow.error = tflow.terr("Server disconnected")
+    meter.error(flow)
+    [row] = _rows(meter)
+    assert (row["outcome"], row["status"]) == ("error", 502) and "Server disconnected" in row["error"]
+
+
+def test_an_unfinished_stream_at_shutdown_is_aborted_and_its_flow_killed(tmp_path):
+    meter = UsageMeter()
+    with taddons.context(meter) as tctx:
+        tctx.configure(meter, usage_db=str(tmp_path / "usage.db"))
+        flow = _flow(body={**CHAT, "stream": True})
+        meter.request(flow)
+        _answer(flow, 200, b"", content_type="text/event-stream")
+        meter.responseheaders(flow)
+        assert flow.response.stream is not None
+        flow.response.stream(b'data: {"id":"chatcmpl-9","choices":[]}\n\n')
+        tctx.master.should_exit.set()
+        meter.done()
+        conn = sqlite3.connect(meter.writer.path)
+        (outcome, transport), = conn.execute("select outcome, transport from requests").fetchall()
+        conn.close()
+    assert (outcome, transport) == ("aborted", "sse") and flow.error is not None

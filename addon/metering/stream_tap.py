@@ -82,6 +82,8 @@ class StreamTap:
                 out.append(raw)
         if self.broken is not None:
             out.append(self.parser.drain())
+        if len(out) == 1:  # the usual network chunk: one event
+            return out if out[0] else []
         joined = b"".join(out)
         return [joined] if joined else []
 
@@ -99,6 +101,7 @@ def _without_null_usage(raw: bytes) -> bytes:
     Quotes inside JSON strings are escaped, so the unescaped key can only be a key.
     """
     for form in (b',"usage":null', b'"usage":null,'):
-        if form in raw:
-            return raw.replace(form, b"", 1)
+        stripped = raw.replace(form, b"", 1)
+        if len(stripped) != len(raw):
+            return stripped
     return raw

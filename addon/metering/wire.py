@@ -266,6 +266,17 @@ def complete_usage(endpoint: str, usage: Usage | None, request: RequestFacts, fa
 MAX_CALL_TOKENS = 100_000_000
 
 
+def _checked_fields(kind: Any) -> tuple[tuple[str, bool], ...]:
+    """(name, holds an integer) of each field of a usage dataclass: looked up once per class, not per row."""
+    checked = _CHECKED_FIELDS.get(kind)
+    if checked is None:
+        checked = _CHECKED_FIELDS[kind] = tuple((item.name, "int" in str(item.type)) for item in fields(kind))
+    return checked
+
+
+_CHECKED_FIELDS: dict[Any, tuple[tuple[str, bool], ...]] = {}
+
+
 def implausible_usage(usage: Usage, bound: int = MAX_CALL_TOKENS) -> str | None:
     """Why `usage` cannot be true (the row then records no usage), else None.
 
@@ -277,20 +288,20 @@ def implausible_usage(usage: Usage, bound: int = MAX_CALL_TOKENS) -> str | None:
     rejected = getattr(usage, "rejected", None)
     if rejected:
         return rejected
-    for item in fields(usage):
-        value = getattr(usage, item.name)
+    for name, integer in _checked_fields(type(usage)):
+        value = getattr(usage, name)
         if value is None or isinstance(value, (str, dict, list, tuple)):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"usage {item.name} is not a number ({type(value).__name__})"
-        if "int" in str(item.type) and not isinstance(value, int):
-            return f"usage {item.name} is not an integer ({value!r})"
+            return f"usage {name} is not a number ({type(value).__name__})"
+        if integer and not isinstance(value, int):
+            return f"usage {name} is not an integer ({value!r})"
         if isinstance(value, float) and not math.isfinite(value):
-            return f"usage {item.name} is not finite"
+            return f"usage {name} is not finite"
         if value < 0:
-            return f"usage {item.name} is negative ({value})"
+            return f"usage {name} is negative ({value})"
         if value > bound:
-            return f"usage {item.name} is implausibly large ({value} > {bound})"
+            return f"usage {name} is implausibly large ({value} > {bound})"
     for part, whole in (("cached_tokens", "input_tokens"), ("reasoning_tokens", "output_tokens")):
         part_value, whole_value = getattr(usage, part, None), getattr(usage, whole, None)
         if isinstance(part_value, int) and isinstance(whole_value, int) and part_value > whole_value:
@@ -500,7 +511,7 @@ class StreamMeter:
         # include_usage is on), errors, and named events of interest.
         interesting = (
             not self._first_seen
-            or ('"usage"' in data and _USAGE_OBJECT.search(data) is not None)
+            or ('"usage"' in data and _usage_object_in(data))
             or '"error"' in data
             or (name is not None and name.startswith(("response.", "error", "transcript.", "speech.")))
         )
@@ -559,6 +570,12 @@ class StreamMeter:
 
 
 _USAGE_OBJECT = re.compile(r'"usage"\s*:\s*\{')
+
+
+def _usage_object_in(data: str) -> bool:
+    # Every chunk says `"usage":null` once include_usage is on: counting is
+    # cheaper than searching, and no `"usage"` followed by `:null` can open an object.
+    return data.count('"usage"') != data.count('"usage":null') and _USAGE_OBJECT.search(data) is not None
 _TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _RESPONSE_EVENTS_WITH_FACTS = _TERMINAL_RESPONSE_EVENTS | {
     "response.created",

@@ -17,20 +17,23 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Protocol
 
 import sqlite_utils
 from mitmproxy import ctx, exceptions, http
 
 from addon import config as config_mod
+from addon.metering import outcome as outcomes
 from addon.metering import wire
 from addon.metering.bounded import INLINE_BODY, MAX_DECODED_BODY, BodyReader
+from addon.metering.outcome import USAGE_ENDPOINTS
 from addon.metering.pools import PoolMatcher
 from addon.metering.redact import redact_url
+from addon.metering.rows import build_row
 from addon.metering.stream_tap import StreamTap
 from addon.store.writer import Writer
-from addon.windows import iso_utc, local_day
+from addon.windows import local_day
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +49,9 @@ UPGRADE_CALL = "usage_upgrade_call"
 # meters them to their end (the module outlives the script's reload).
 _HANDOVER: dict[str, Call] = {}
 
-# Batch statuses after which a batch's `usage` is final (and billed).
-BATCH_FINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
 # Requests that open a door to spending elsewhere: an ephemeral Realtime key.
 REALTIME_DOORS = frozenset({"realtime.client_secrets", "realtime.sessions", "realtime.transcription_sessions"})
-
-# Endpoints whose successful answers carry usage.
-USAGE_ENDPOINTS = frozenset(
-    {
-        "chat.completions",
-        "completions",
-        "responses",
-        "embeddings",
-        "audio.transcriptions",
-        "audio.translations",
-        "images.generations",
-        "images.edits",
-    }
-)
+__all__ = ["UPGRADE_CALL", "USAGE_ENDPOINTS", "Call", "RowListener", "UsageMeter"]
 
 
 @dataclass(slots=True)
@@ -196,8 +184,7 @@ class UsageMeter:
             # Flows still open at shutdown: record what is known. A stream
             # whose end already went to the client is complete, not aborted.
             facts = self._stream_facts(call)
-            if facts is not None and facts.done and facts.usage is not None and call.stream is not None \
-                    and not call.stream.broken:
+            if call.stream is not None and outcomes.at_shutdown(facts, call.stream.broken):
                 self._emit(call, None, "ok", facts=facts)
                 continue
             self._emit(call, None, "aborted", facts=facts, error="proxy shut down before the exchange finished")
@@ -340,14 +327,9 @@ class UsageMeter:
         if call.blocked:
             self._emit(call, flow, "blocked", error=call.block_message)
             return
-        facts = self._stream_facts(call)
-        outcome, status = "aborted", None
-        client_gone = _client_went_away(message) or not flow.request.timestamp_end  # request not even complete
-        if call.stream is None and not client_gone:
-            # Upstream failed before the client got an answer (connect error,
-            # body cut short): mitmproxy answers the client 502 Bad Gateway.
-            outcome, status = "error", 502
-        self._emit(call, flow, outcome, facts=facts, error=message, status=status)
+        outcome, status = outcomes.of_connection_error(message, streamed=call.stream is not None,
+                                                       request_complete=bool(flow.request.timestamp_end))
+        self._emit(call, flow, outcome, facts=self._stream_facts(call), error=message, status=status)
 
     # -- internals ---------------------------------------------------------
     def _inspect(self, flow: http.HTTPFlow, host: str, headers: dict[str, str], reader: BodyReader | None) -> Call:
@@ -444,30 +426,12 @@ class UsageMeter:
             return
         if call.stream is not None:
             tap = call.stream
-            facts = tap.meter
-            if tap.broken:
-                outcome, error = "no_usage", tap.broken
-            elif facts.error:
-                outcome, error = "error", facts.error
-            elif response.status_code >= 400:
-                outcome, error = "error", f"HTTP {response.status_code}"
-            elif facts.usage is None:
-                outcome, error = "no_usage", "stream ended without usage"
-            else:
-                outcome, error = "ok", None
-            self._emit(call, flow, outcome, facts=facts, error=error)
+            outcome, error = outcomes.of_stream(response.status_code, tap.broken, tap.meter)
+            self._emit(call, flow, outcome, facts=tap.meter, error=error)
             return
         body_facts = self._body_facts(call, response, reader)
-        if response.status_code >= 400:
-            error = body_facts.error or f"HTTP {response.status_code}"
-            self._emit(call, flow, "error", facts=body_facts, error=error)
-            return
-        if body_facts.usage is None and not body_facts.data_items and call.endpoint.name in USAGE_ENDPOINTS:
-            queued = body_facts.status in ("queued", "in_progress")
-            self._emit(call, flow, "ok" if queued else "no_usage", facts=body_facts,
-                       error=None if queued else body_facts.error or "response carried no usage")
-            return
-        self._emit(call, flow, "ok", facts=body_facts)
+        outcome, error = outcomes.of_body(response.status_code, call.endpoint.name, body_facts)
+        self._emit(call, flow, outcome, facts=body_facts, error=error)
 
     def _body_facts(self, call: Call, response: http.Response, reader: BodyReader | None) -> wire.BodyFacts:
         if reader is None:
@@ -516,67 +480,10 @@ class UsageMeter:
         if call.finished:
             return
         call.finished = True
-        end = end if end is not None else time.time()
-        headers = headers or {}
-        usage = getattr(facts, "usage", None) if facts is not None else None
-        response_id = getattr(facts, "response_id", None) or call.endpoint.response_id
-        answered_model = getattr(facts, "model", None)
-        model = answered_model or call.request.model or call.endpoint.deployment
-        pool = call.pool or (self.matcher.pool_for(model) if model and self.matcher else None)
-        processing = None
-        if call.endpoint.name == "batches":
-            # A batch's usage is final, and billed, once the batch is; its
-            # rows are counted once per batch id like responses (store/schema.insert_rows).
-            processing = "batch"
-            if getattr(facts, "status", None) not in BATCH_FINAL_STATUSES:
-                usage = None
-            if self.config is not None and self.config.batch_pool:
-                pool = self.config.batch_pool
-        elif call.method == "GET" and call.endpoint.name in ("chat.completions", "completions"):
-            usage = None  # a stored completion read back: counted when it was made
-        if usage is not None and (implausible := wire.implausible_usage(usage)):
-            # A hostile or broken answer must not move a pool (least of all down).
-            log.warning("usage: %s %s answered implausible usage (%s); recorded without usage",
-                        call.method, redact_url(call.path), implausible)
-            usage = None
-            if outcome == "ok":
-                outcome = "no_usage"
-            error = error or implausible
-        started = datetime.fromtimestamp(call.started, timezone.utc)
-        row: dict[str, Any] = {
-            "ts": iso_utc(started),
-            "day": self._local_day(started),
-            "host": call.host,
-            "method": call.method,
-            "path": call.path,
-            "endpoint": call.endpoint.name,
-            "model": model,
-            "requested_model": call.request.model,
-            "pool": pool,
-            "status": status,
-            "outcome": outcome,
-            "streamed": int(call.streamed or call.request.stream),
-            "latency_ms": round((end - call.started) * 1000, 1),
-            "ttfb_ms": round(ttfb, 1) if ttfb is not None else None,
-            "key_id": call.key_id,
-            "key_hint": call.key_hint,
-            "label": call.label,
-            "project": call.project or headers.get("openai-project"),
-            "request_id": headers.get("x-request-id"),
-            "service_tier": wire.billed_service_tier(getattr(facts, "service_tier", None), call.request.service_tier),
-            "user_agent": call.user_agent,
-            "error": error or call.extra.get("body_note"),
-            "response_id": response_id,
-            "transport": call.transport or ("sse" if call.streamed else "http"),
-            "conversation": call.request.conversation,
-        }
-        if outcome == "ok":
-            usage = wire.complete_usage(call.endpoint.name, usage, call.request, facts)
-        row["processing"] = processing or wire.processing_of(row["service_tier"])
-        if call.request.image_size or call.request.image_quality:
-            row["image_size"], row["image_quality"] = call.request.image_size, call.request.image_quality
-        if usage is not None:
-            row.update(usage.as_columns())
+        row = build_row(call, outcome, facts=facts, error=error, status=status, ttfb=ttfb,
+                        end=end if end is not None else time.time(), headers=headers or {}, day=self._local_day,
+                        pool_for=self.matcher.pool_for if self.matcher else None,
+                        batch_pool=self.config.batch_pool if self.config else None)
         for listener in self.listeners:
             try:
                 listener.on_row(call, row)
@@ -616,11 +523,6 @@ def _response_headers(call: Call, response: http.Response) -> dict[str, str]:
     if call.response_headers is None:
         call.response_headers = _header_map(response.headers)
     return call.response_headers
-
-
-def _client_went_away(message: str) -> bool:
-    message = message.lower()
-    return "client" in message or "killed" in message
 
 
 def _request_reader(raw: bytes, headers: dict[str, str]) -> BodyReader | None:

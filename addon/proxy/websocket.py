@@ -21,8 +21,9 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from addon.metering import bounded, wire, ws_events
+from addon.metering.outcome import USAGE_ENDPOINTS
 from addon.proxy.limits import Limits, Refusal, refusal_error
-from addon.proxy.meter import UPGRADE_CALL, USAGE_ENDPOINTS, Call, UsageMeter
+from addon.proxy.meter import UPGRADE_CALL, Call, UsageMeter
 
 log = logging.getLogger(__name__)
 

@@ -395,10 +395,54 @@ def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
                 scope = (held.id, held.owner)
                 released[scope] = released.get(scope, 0) + held.tokens
     clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows] if private else rows
-    db.table("requests").insert_all(clean, batch_size=500, columns=REQUEST_COLUMNS, ignore=True)
+    if not _insert_plain(db, clean):
+        db.table("requests").insert_all(clean, batch_size=500, columns=REQUEST_COLUMNS, ignore=True)
     if released:
         db.conn.executemany("UPDATE reservations SET tokens = MAX(tokens - ?, 0) WHERE id = ? AND owner = ?",
                             [(tokens, *scope) for scope, tokens in released.items()])
+
+
+_PLAIN_VALUES = (str, int, float, type(None))
+
+
+def _insert_plain(db: sqlite_utils.Database, rows: list[dict[str, Any]], fresh: bool = False) -> bool:
+    """The proxy's rows with one prepared INSERT (what insert_all does, without building
+    a new multi-row statement per batch and JSON-checking every value): False, and
+    nothing done, for rows only insert_all handles (a column the table lacks, a value
+    to convert), so that its errors stay as they were."""
+    try:
+        columns = None if fresh else _COLUMNS.get(db)
+        if columns is None:
+            columns, fresh = _table_columns(db), True
+    except sqlite3.Error:
+        return False
+    names: dict[str, None] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in names:
+                if key not in columns:  # (a column added since the last look: look again)
+                    return False if fresh else _insert_plain(db, rows, fresh=True)
+                names[key] = None
+            if type(value) not in _PLAIN_VALUES:  # bool, dicts, dates: insert_all converts them
+                return False
+    if not names:
+        return False
+    order = tuple(names)
+    sql = f"INSERT OR IGNORE INTO [requests] ({', '.join(f'[{n}]' for n in order)}) VALUES " \
+          f"({', '.join('?' * len(order))})"
+    db.conn.executemany(sql, [tuple(row.get(n) for n in order) for row in rows])
+    return True
+
+
+def _table_columns(db: sqlite_utils.Database) -> frozenset[str]:
+    """The columns `requests` has now, kept for the connection (columns are only ever added)."""
+    columns = frozenset(r[1] for r in db.conn.execute("PRAGMA table_info([requests])"))
+    if columns:
+        _COLUMNS[db] = columns
+    return columns
+
+
+_COLUMNS: weakref.WeakKeyDictionary[sqlite_utils.Database, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 # Columns that carry usage or its price: emptied in a row whose response was counted already.

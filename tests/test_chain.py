@@ -1,0 +1,91 @@
+"""addon/proxy/chain.Chain: the proxy's addons as one mitmproxy addon, hooks called as mitmproxy would."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mitmproxy.test import taddons, tflow
+
+from addon.proxy import chain
+from addon.proxy.limits import Limits
+from addon.proxy.meter import UsageMeter
+
+
+class _Recorder:
+    def __init__(self, name: str, log: list[str], wait: bool = False) -> None:
+        self.name, self.log, self.wait = name, log, wait
+
+    def request(self, flow):
+        self.log.append(self.name)
+        if self.wait:
+            return self._later()
+        return None
+
+    async def _later(self) -> None:
+        await asyncio.sleep(0)
+        self.log.append(self.name + " awaited")
+
+
+class _Failing:
+    def request(self, flow):
+        raise RuntimeError("boom")
+
+
+def test_hooks_run_in_list_order_and_an_awaitable_is_awaited_before_the_next_addon():
+    log: list[str] = []
+    first, second, third = _Recorder("a", log), _Recorder("b", log, wait=True), _Recorder("c", log)
+    combined = chain.Chain([first, second, third])
+    result = combined.request(tflow.tflow())
+    assert log == ["a", "b"]  # the rest waits for b's coroutine
+    asyncio.run(result)
+    assert log == ["a", "b", "b awaited", "c"]
+
+
+def test_a_hook_only_one_addon_has_is_that_addon_s_method_and_unhandled_events_are_absent():
+    log: list[str] = []
+    only = _Recorder("a", log)
+    combined = chain.Chain([only])
+    assert combined.request == only.request
+    assert getattr(combined, "response", None) is None and getattr(combined, "websocket_message", None) is None
+
+
+def test_an_exception_stops_the_event_for_the_later_addons_as_in_mitmproxy():
+    log: list[str] = []
+    combined = chain.Chain([_Recorder("a", log), _Failing(), _Recorder("c", log)])
+    try:
+        combined.request(tflow.tflow())
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the exception must reach mitmproxy (which logs it)")
+    assert log == ["a"]
+
+
+def test_the_chain_in_mitmproxy_registers_options_commands_and_configures_every_addon(tmp_path):
+    addons = chain.build()
+    combined = chain.Chain(addons)
+    meter = next(a for a in addons if isinstance(a, UsageMeter))
+    limits = next(a for a in addons if isinstance(a, Limits))
+    with taddons.context(combined) as tctx:
+        assert "usage_db" in tctx.options and "usage_hosts" in tctx.options
+        assert "usage.reset" in tctx.master.commands.commands
+        tctx.configure(combined, usage_db=str(tmp_path / "usage.db"))
+        assert meter.writer is not None and str(meter.writer.path) == str(tmp_path / "usage.db")
+        assert meter.prepare_rows is not None  # Pricing's configure ran after the meter's
+        assert limits.ledger is not None
+        combined.done()
+    assert meter.stopped
+
+
+def test_the_order_is_checked_for_the_chain_too():
+    addons = chain.build()
+    kinds = [type(a) for a in addons]
+    swapped = list(addons)
+    i, j = kinds.index(UsageMeter), kinds.index(Limits)
+    swapped[i], swapped[j] = swapped[j], swapped[i]
+    try:
+        chain.Chain(swapped)
+    except ValueError as exc:
+        assert "UsageMeter must come before Limits" in str(exc)
+    else:
+        raise AssertionError("a wrong order must be refused")
