@@ -260,7 +260,8 @@ def test_keys_create_list_revoke(runner, tmp_path, config_file):
     assert revoked.exit_code == 0 and revoked.stdout.startswith(f"revoked {listed[0]['key_id']} (alice, ")
     again = invoke(runner, "keys", "revoke", "alice", "--db", db)
     assert again.exit_code == 1
-    assert again.stdout == "" and again.stderr == "error: no active issued key matches 'alice' (give a key id, a label or the key)\n"
+    assert again.stdout == ""
+    assert again.stderr == "error: no active issued key matches 'alice' (give a key id, a label or the key)\n"
     listed = json.loads(invoke(runner, "keys", "list", "--json", "--db", db).stdout)
     assert listed[0]["revoked_at"] and listed[1]["revoked_at"] is None
 
