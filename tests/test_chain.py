@@ -89,3 +89,20 @@ def test_the_order_is_checked_for_the_chain_too():
         assert "UsageMeter must come before Limits" in str(exc)
     else:
         raise AssertionError("a wrong order must be refused")
+
+
+def test_a_chain_built_before_mitmproxy_loaded_its_layers_still_has_every_hook():
+    # mitmproxy learns a hook's name when the module defining it is imported; a Chain built first
+    # (a test, a library user) must not silently lack request/response/load and meter nothing.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from addon.proxy.chain import Chain, build\n"
+            "c = Chain(build())\n"
+            "print(sorted(h for h in ('load', 'request', 'response', 'responseheaders', 'error', 'websocket_message',"
+            " 'tls_clienthello') if callable(getattr(c, h, None))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    assert out.strip() == str(sorted(["load", "request", "response", "responseheaders", "error",
+                                      "websocket_message", "tls_clienthello"]))

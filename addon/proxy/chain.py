@@ -12,6 +12,12 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+# The modules that define mitmproxy's hooks (each definition fills hooks.all_hooks, which Chain reads):
+# imported here so that a Chain built before mitmproxy loaded them (a test, a library user) misses none.
+import mitmproxy.addonmanager  # noqa: F401
+import mitmproxy.log  # noqa: F401
+import mitmproxy.proxy.layers  # noqa: F401
+import mitmproxy.proxy.server_hooks  # noqa: F401
 from mitmproxy import hooks
 
 from addon.proxy.bodylog import BodyLog
