@@ -188,6 +188,7 @@ class QueueWorker[T](Worker):
         self._queue: queue.Queue[T | object] | queue.SimpleQueue[T | object] = (
             queue.Queue(maxsize) if maxsize else queue.SimpleQueue())
         self._pending = 0  # put and not handled yet
+        self._stop_queued = False  # the end marker is in the queue
         self._idle = threading.Condition()
 
     def put(self, item: T) -> None:
@@ -219,10 +220,15 @@ class QueueWorker[T](Worker):
         return True
 
     def stop(self, timeout: float = 5.0) -> bool:
-        if not self._stop.is_set():
-            self._stop.set()
-            self._queue.put(_STOP)  # never full for long: the thread is taking items
-        return self.join(timeout)
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        if not self._stop_queued:
+            try:  # a bounded queue stays full only while the thread is stuck: wait no longer than `timeout`
+                self._queue.put(_STOP, timeout=timeout)
+            except queue.Full:
+                return False  # not stopped; a later stop() tries again
+            self._stop_queued = True
+        return self.join(max(deadline - time.monotonic(), 0.0))
 
     def wake(self) -> None:
         """Queue workers wake up for items, or after `idle_timeout()`."""

@@ -5,8 +5,9 @@ first and bounded (the oldest go when it is full); a graceful stop with rows
 still waiting saves them next to the database (`usage.db.spool-PID.jsonl`,
 0600), and the next writer that opens the database claims those files and
 puts their rows first in line. A claimed file is removed once its rows are
-committed, so a crash in between imports them again (each row keeps its `uid`:
-inserted once).
+committed (or saved again at a graceful stop); one whose claimer died in
+between is claimed again by the next writer, and each row has its `uid`
+before it is on disk, so rows imported twice are inserted once.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class Spool:
         try:
             with open_private(target) as handle:
                 for row in self._rows:
+                    # The uid now: a file imported again after a crash between commit and removal inserts nothing twice.
+                    if "uid" not in row:
+                        row["uid"] = os.urandom(12).hex()
                     # Reservations are not carried over: this process's ones expire on their own.
                     public = {k: v for k, v in row.items() if not k.startswith("_")}
                     handle.write(json.dumps(public, default=str) + "\n")
@@ -80,12 +84,17 @@ class Spool:
         log.warning("usage: %d rows could not be written to %s; saved them in %s", len(self._rows), self.db_path,
                     target)
         self._rows.clear()
+        self.committed()  # the claimed files' rows not committed yet are in the saved file now
 
     def import_files(self) -> int:
         """Rows a previous run saved at shutdown go first in line; returns how many."""
         imported = 0
-        for path in sorted(self.db_path.parent.glob(f"{glob.escape(self.db_path.name)}.spool-*.jsonl")):
-            claimed = path.with_name(path.name + f".importing-{os.getpid()}")
+        prefix = f"{glob.escape(self.db_path.name)}.spool-*.jsonl"
+        saved = sorted(self.db_path.parent.glob(prefix))
+        # Files claimed by a process that died before committing their rows (kill -9): claimed again.
+        orphaned = sorted(p for p in self.db_path.parent.glob(f"{prefix}.importing-*") if _claimer_died(p))
+        for path in saved + orphaned:
+            claimed = path.with_name(path.name.partition(".importing-")[0] + f".importing-{os.getpid()}")
             try:
                 path.rename(claimed)  # another proxy on the same database may race us
                 lines = claimed.read_text(encoding="utf-8").splitlines()
@@ -114,3 +123,20 @@ class Spool:
             except OSError as exc:  # the rows are committed: they must not be imported again
                 log.warning("usage: could not remove %s (%s); its rows are written, delete it by hand", claimed, exc)
         self._claimed.clear()
+
+
+def _claimer_died(claimed: Path) -> bool:
+    """True when the process named by a claimed file's `.importing-PID` suffix no longer runs."""
+    try:
+        pid = int(claimed.name.rpartition(".importing-")[2])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False  # ours (another writer of this process, after a script reload, may hold it)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
