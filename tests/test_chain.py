@@ -106,3 +106,28 @@ def test_a_chain_built_before_mitmproxy_loaded_its_layers_still_has_every_hook()
                          cwd=Path(__file__).resolve().parent.parent).stdout
     assert out.strip() == str(sorted(["load", "request", "response", "responseheaders", "error",
                                       "websocket_message", "tls_clienthello"]))
+
+
+def test_an_async_lifecycle_hook_is_refused():
+    # mitmproxy calls load/configure/running/done without awaiting them (at a script's load or reload):
+    # a coroutine would be dropped, with the later members skipped, without a word.
+    class AsyncDone:
+        async def done(self) -> None:
+            pass
+
+    import pytest
+
+    with pytest.raises(ValueError, match="AsyncDone.done must not be async"):
+        chain.Chain([AsyncDone()])
+
+
+def test_the_meter_closes_its_writer_before_the_redis_rows_publish_at_shutdown():
+    import pytest
+
+    from addon.proxy.redis_rows import RedisRows
+
+    built = chain.build()
+    redis_rows = next(a for a in built if isinstance(a, RedisRows))
+    reordered = [redis_rows] + [a for a in built if a is not redis_rows]
+    with pytest.raises(ValueError, match="UsageMeter must come before RedisRows"):
+        chain.check_order(reordered)

@@ -23,10 +23,10 @@ USAGE_ENDPOINTS = frozenset(
     }
 )
 
-Decision = tuple[str, str | None]  # (outcome, error)
+Outcome = tuple[str, str | None]  # (outcome, error): the row's outcome column and its error text
 
 
-def of_stream(status_code: int, broken: str | None, facts: wire.StreamMeter) -> Decision:
+def of_stream(status_code: int, broken: str | None, facts: wire.StreamMeter) -> Outcome:
     """A streamed (SSE) response that ended: usage read on the way, or why not."""
     if broken:
         return "no_usage", broken
@@ -39,7 +39,7 @@ def of_stream(status_code: int, broken: str | None, facts: wire.StreamMeter) -> 
     return "ok", None
 
 
-def of_body(status_code: int, endpoint: str, facts: wire.BodyFacts) -> Decision:
+def of_body(status_code: int, endpoint: str, facts: wire.BodyFacts) -> Outcome:
     """A response read whole (JSON or not; `facts` empty for other bodies)."""
     if status_code >= 400:
         return "error", facts.error or f"HTTP {status_code}"

@@ -36,6 +36,7 @@ ORDER: list[tuple[type, type, str]] = [
     (WebSocketMeter, UsageMeter, "its done() records responses in flight before the meter closes the writer"),
     (UsageMeter, Limits, "the meter's request hook classifies the call that Limits admits"),
     (UsageMeter, Pricing, "Pricing prices rows with the config the meter has just loaded"),
+    (UsageMeter, RedisRows, "its done() publishes the rows that the meter's writer commits as it closes"),
 ]
 
 
@@ -58,6 +59,10 @@ def build() -> list[object]:
     return addons
 
 
+# Lifecycle hooks that mitmproxy calls synchronously (AddonManager.trigger / invoke_addon_sync).
+_SYNC_HOOKS = ("load", "configure", "running", "done")
+
+
 class Chain:
     """The addons of `build()` as one mitmproxy addon, which calls each hook on them in list order.
 
@@ -75,6 +80,12 @@ class Chain:
 
     def __init__(self, addons: list[object]) -> None:
         check_order(addons)
+        for addon in addons:
+            for event in _SYNC_HOOKS:
+                if inspect.iscoroutinefunction(getattr(addon, event, None)):
+                    # mitmproxy calls these without awaiting: the coroutine would be dropped, and the later
+                    # members skipped, without a word (mitmproxy itself refuses such an addon).
+                    raise ValueError(f"{type(addon).__name__}.{event} must not be async")
         self.members = addons
         for event in hooks.all_hooks:
             found = [getattr(a, event) for a in addons if callable(getattr(a, event, None))]

@@ -450,16 +450,9 @@ class Limits:
             return
         if ledger.record(row, reservation) and self.executor is not None:
             try:  # the usage beyond the estimate goes into the database now, not at the next admission
-                self.executor.submit(self._pay_debts, ledger)
+                self.executor.submit(self._periodic, "pay_debts", ledger.pay_debts)
             except RuntimeError:
                 pass  # shutting down
-
-    @staticmethod
-    def _pay_debts(ledger: LedgerBackend) -> None:
-        try:
-            ledger.pay_debts()
-        except Exception as exc:
-            log.debug("usage: could not record usage beyond estimates yet: %s", exc)
 
     def _remember(self, row: dict[str, Any], used: int) -> None:
         """Keep what a response used for a continuation that may follow at once."""
