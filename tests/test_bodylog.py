@@ -119,7 +119,8 @@ def test_full_queue_drops_and_counts_without_blocking(tmp_path):
     message = bodylog.Message([("a", "b")], b"{}", None, False, {"method": "GET", "url": "https://h/p"})
     for _ in range(10):
         writer.put(bodylog.Entry(time.time(), "f", message, None, None))
-    assert writer.dropped >= 7  # 1 taken by the thread, 2 queued, the rest dropped
+    # At most 3 in the thread's batch (the first, and what was queued when it took it), 2 queued, the rest dropped.
+    assert writer.dropped >= 5
     release.set()
     writer.close()
     lines = (tmp_path / "b.ndjson").read_text().splitlines()
