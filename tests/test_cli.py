@@ -419,3 +419,22 @@ def test_the_readme_documents_every_option():
         if path and f"`{' '.join(path)}" not in section:
             missing.append((" ".join(path), "the command"))
     assert not missing
+
+
+@pytest.mark.parametrize("command", [("status",), ("keys", "list"), ("reprice",)])
+def test_a_database_that_cannot_be_opened_is_one_error_line(runner, tmp_path, command):
+    not_a_database = tmp_path / "notes.db"
+    not_a_database.write_text("these are notes, not a database " * 10)
+    for db, said in ((tmp_path, "database: "), (not_a_database, "database: file is not a database")):
+        result = invoke(runner, *command, "--db", db)
+        assert result.exit_code == 1, (command, db, result.output)
+        assert result.stderr.startswith("error: " + said) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_top_shows_a_database_it_cannot_read_on_its_screen(runner, tmp_path):
+    not_a_database = tmp_path / "notes.db"
+    not_a_database.write_text("these are notes, not a database " * 10)
+    result = invoke(runner, "top", "--once", "--db", not_a_database)
+    assert result.exit_code == 1
+    shown = " ".join(result.stdout.split())  # rich wraps lines at the terminal width
+    assert "cannot read the database" in shown and "file is not a database" in shown

@@ -9,6 +9,7 @@ unreachable Redis) print `error: ...` and exit 1; Ctrl-C exits 130.
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -36,6 +37,10 @@ class Failure(click.ClickException):
 def _expected(exc: BaseException) -> bool:
     if isinstance(exc, EXPECTED):
         return True
+    # The database file cannot be opened or read (a directory, not a database, locked, disk trouble);
+    # other sqlite3 errors (integrity, programming) are bugs and keep their traceback.
+    if isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError:
+        return True
     redis = sys.modules.get("redis")  # a Redis error can only come from a command that imported redis
     return redis is not None and isinstance(exc, redis.RedisError)
 
@@ -50,7 +55,7 @@ class Group(click.Group):
             raise click.exceptions.Exit(130) from None
         except Exception as exc:
             if _expected(exc):
-                raise Failure(str(exc)) from None
+                raise Failure(f"database: {exc}" if isinstance(exc, sqlite3.Error) else str(exc)) from None
             raise
         if isinstance(code, int) and code and ctx.parent is None:
             ctx.exit(code)
