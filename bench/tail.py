@@ -128,7 +128,7 @@ def _cpu(proc: subprocess.Popen) -> float:
 
 def prefill(db: Path) -> None:
     """A reset and one row that put the pool at NEAR_USED of its limit, now (running proxies pick it up)."""
-    from addon.store import schema
+    from addon.store import inserts, schema
     from addon.windows import iso_utc, utc_now
 
     database = schema.connect(db)
@@ -136,7 +136,7 @@ def prefill(db: Path) -> None:
     now = utc_now()
     with database.conn:
         database.conn.execute("INSERT INTO resets (ts, pool, note) VALUES (?, 'tail', 'bench')", (iso_utc(now),))
-        schema.insert_rows(database, [{"ts": iso_utc(now), "day": now.date().isoformat(), "pool": "tail",
+        inserts.insert_rows(database, [{"ts": iso_utc(now), "day": now.date().isoformat(), "pool": "tail",
                                       "model": "gpt-4o-mini", "endpoint": "chat.completions", "outcome": "ok",
                                       "input_tokens": NEAR_USED, "output_tokens": 0, "total_tokens": NEAR_USED}])
     database.conn.close()

@@ -1,4 +1,4 @@
-"""store/schema.insert_rows: the prepared-statement path writes what sqlite-utils' insert_all wrote."""
+"""store/inserts.insert_rows: the prepared-statement path writes what sqlite-utils' insert_all wrote."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from addon.store import schema
+from addon.store import inserts, schema
 
 ROW = {"ts": "2026-11-30T00:00:00.000Z", "day": "2026-11-30", "host": "api.openai.com", "method": "POST",
        "path": "/v1/chat/completions", "endpoint": "chat.completions", "model": "gpt-4o-mini", "pool": "mini",
@@ -22,7 +22,7 @@ def _db(path):
 
 def _insert(db, rows):
     with db.conn:
-        schema.insert_rows(db, rows)
+        inserts.insert_rows(db, rows)
 
 
 def _stored(db) -> list[dict]:

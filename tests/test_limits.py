@@ -12,7 +12,7 @@ from addon import config as config_mod
 from addon.ledger.policy import Check, checks_for, never_fits, refusal_message
 from addon.ledger.published import window_rows, write_pools
 from addon.ledger.sqlite_ledger import Ledger
-from addon.store import schema
+from addon.store import inserts, schema
 from addon.store.writer import Writer
 from addon.windows import Window, iso_utc
 
@@ -129,9 +129,9 @@ def add_row(db, ts: datetime, pool: str, tokens: int, key_id: str | None = None,
             reservation: tuple[int, int, str] | None = None):
     row = {"ts": iso_utc(ts), "pool": pool, "total_tokens": tokens, "key_id": key_id, "outcome": "ok"}
     if reservation:
-        row["_reservation"] = schema.Reservation(*reservation)
+        row["_reservation"] = inserts.Reservation(*reservation)
     with db.conn:
-        schema.insert_rows(db, [row])
+        inserts.insert_rows(db, [row])
 
 
 def test_admission_counts_rows_and_reservations(setup):
@@ -456,7 +456,7 @@ def test_writer_keeps_reservations_of_rows_it_has_to_clean(setup, tmp_path):
     try:
         writer.put({"ts": iso_utc(clock.now), "pool": "big", "total_tokens": 10, "outcome": "ok",
                     "user_agent": "bad \udcff agent",
-                    "_reservation": schema.Reservation(first.reservation, 1000, first.owner)})
+                    "_reservation": inserts.Reservation(first.reservation, 1000, first.owner)})
         assert writer.flush()
     finally:
         writer.close()
@@ -483,7 +483,7 @@ def test_rows_the_writer_drops_give_their_estimate_back(setup, tmp_path):
     try:
         for decision in [first, *local]:
             writer.put({"ts": iso_utc(clock.now), "pool": "big", "total_tokens": 10, "outcome": "ok",
-                        "_reservation": schema.Reservation(decision.reservation, 1000, decision.owner)})
+                        "_reservation": inserts.Reservation(decision.reservation, 1000, decision.owner)})
         writer.flush()
     finally:
         writer.close()

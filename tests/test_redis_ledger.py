@@ -13,8 +13,8 @@ import redis
 from addon import config as config_mod
 from addon.ledger.policy import checks_for
 from addon.ledger.redis_ledger import RedisLedger
-from addon.store import schema
-from addon.store.schema import Reservation
+from addon.store import inserts, schema
+from addon.store.inserts import Reservation
 
 CONFIG = """
 timezone = "Europe/Paris"
@@ -193,7 +193,7 @@ def test_restart_without_persistence_rebuilds_counters_from_the_rows(tmp_path, r
         db = schema.connect(tmp_path / f"{name}.db")
         schema.migrate(db)
         with db.conn:
-            schema.insert_rows(db, [{"ts": ts, "pool": "premium", "total_tokens": tokens, "key_id": "k1"},
+            inserts.insert_rows(db, [{"ts": ts, "pool": "premium", "total_tokens": tokens, "key_id": "k1"},
                                    {"ts": ts, "pool": "rolling", "total_tokens": tokens // 3}])
         db.conn.close()
     a, b = ledger(redis_server, tmp_path, config, "a"), ledger(redis_server, tmp_path, config, "b")

@@ -15,7 +15,7 @@ import time
 from conftest import ROOT, free_port
 from redis_server import wait_for
 
-from addon.store import redis_rows, schema
+from addon.store import inserts, redis_rows, schema
 
 
 def collect_once(db, url) -> subprocess.CompletedProcess:
@@ -42,7 +42,7 @@ def local_rows(path, n: int, origin_model: str = "gpt-4o-mini") -> None:
              "status": 200, "outcome": "ok", "input_tokens": 10, "output_tokens": i, "total_tokens": 10 + i}
             for i in range(n)]
     with db.conn:
-        schema.insert_rows(db, rows)
+        inserts.insert_rows(db, rows)
     db.conn.close()
 
 

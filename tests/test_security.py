@@ -31,7 +31,7 @@ from cryptography import x509
 from fake_openai import FakeServer
 
 from addon.proxy import bodylog
-from addon.store import schema
+from addon.store import inserts
 from addon.store.writer import Writer
 
 UPSTREAM = "sk-proj-upstreamSHARED0123456789SECRET"
@@ -378,8 +378,8 @@ def test_oversized_fields_secrets_and_file_modes(tmp_path, confdir, fake_server)
                    headers=auth, timeout=30)
         rows = proxy.wait_rows(42)
         assert len(rows) == 42
-        assert max(len(r["model"] or "") for r in rows) <= schema.COLUMN_LIMITS["model"]
-        assert max(len(r["service_tier"] or "") for r in rows) <= schema.COLUMN_LIMITS["service_tier"]
+        assert max(len(r["model"] or "") for r in rows) <= inserts.COLUMN_LIMITS["model"]
+        assert max(len(r["service_tier"] or "") for r in rows) <= inserts.COLUMN_LIMITS["service_tier"]
         deadline = time.monotonic() + 10
         while "api-key=[redacted]" not in proxy.log() and time.monotonic() < deadline:
             time.sleep(0.1)

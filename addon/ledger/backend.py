@@ -21,7 +21,7 @@ from addon.config import Config
 from addon.ledger.estimate import PreviousUsage
 from addon.ledger.policy import Check, Decision
 from addon.ledger.pool_status import PoolStatus
-from addon.store.schema import Reservation
+from addon.store.inserts import Reservation
 
 
 class LedgerBackend(Protocol):

@@ -52,7 +52,7 @@ from addon.ledger.pool_status import PoolStatus
 from addon.ledger.published import record_reset, write_pools
 from addon.ledger.reservations import RESERVATION_TTL
 from addon.store import redis_rows, schema
-from addon.store.schema import Reservation
+from addon.store.inserts import Reservation
 from addon.windows import Window, iso_utc, utc_now
 from addon.worker import FailureLog, QueueWorker
 

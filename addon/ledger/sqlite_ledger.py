@@ -51,7 +51,7 @@ from addon.ledger.pool_status import PoolStatus
 from addon.ledger.published import record_reset, write_pools
 from addon.ledger.reservations import HEARTBEAT_INTERVAL
 from addon.store import schema
-from addon.store.schema import Reservation
+from addon.store.inserts import Reservation
 from addon.windows import utc_now
 
 log = logging.getLogger(__name__)

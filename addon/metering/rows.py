@@ -63,7 +63,7 @@ def build_row(call: CallFacts, outcome: str, *, facts: Any = None, error: str | 
     processing = None
     if call.endpoint.name == "batches":
         # A batch's usage is final, and billed, once the batch is; its
-        # rows are counted once per batch id like responses (store/schema.insert_rows).
+        # rows are counted once per batch id like responses (store/inserts.insert_rows).
         processing = "batch"
         if getattr(facts, "status", None) not in BATCH_FINAL_STATUSES:
             usage = None

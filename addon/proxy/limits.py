@@ -32,7 +32,7 @@ from addon.ledger.reservations import HEARTBEAT_INTERVAL
 from addon.ledger.sqlite_ledger import Ledger
 from addon.metering.wire import RequestFacts
 from addon.proxy.meter import Call, UsageMeter
-from addon.store.schema import Reservation
+from addon.store.inserts import Reservation
 from addon.windows import utc_now
 from addon.worker import FailureLog, Worker
 
@@ -440,7 +440,7 @@ class Limits:
         # Settled at once: the request's usage counts in the ledger now (usage
         # beyond the estimate too); the SQLite ledger marks the row so that the
         # writer takes it off the lease in the transaction that inserts it
-        # (store/schema.insert_rows).
+        # (store/inserts.insert_rows).
         self._remember(row, row.get("total_tokens") or 0)
         reservation: Reservation | None = call.extra.get("reservation")
         ledger = self.ledger

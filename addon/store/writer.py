@@ -4,7 +4,7 @@ mitmproxy runs every connection on one asyncio loop, so hooks never touch
 SQLite: they hand finished rows to `Writer.put`, and one thread (a
 QueueWorker, addon/worker.py) writes them in batches with sqlite-utils. If
 the database is unavailable, rows wait in the spool (store/spool.py) and are
-written when it is back; sanitizing and bounding rows is store/schema.py.
+written when it is back; sanitizing, bounding and inserting rows is store/inserts.py.
 """
 
 from __future__ import annotations
@@ -18,14 +18,8 @@ from typing import Any
 
 import sqlite_utils
 
-from addon.store.schema import (
-    connect,
-    insert_rows,
-    is_transient,
-    migrate,
-    moved,
-    sanitize_row,
-)
+from addon.store.inserts import insert_rows, sanitize_row
+from addon.store.schema import connect, is_transient, migrate, moved
 from addon.store.spool import Spool
 from addon.worker import QueueWorker
 
