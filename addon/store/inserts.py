@@ -95,6 +95,12 @@ class Reservation:
     owner: str | None  # the ledger that owns the row: SQLite reuses the ids of expired rows
 
 
+def give_uid(row: dict[str, Any]) -> None:
+    """The row's unique id (column `uid`), once: it keeps it through the spool and retries, so it is inserted once."""
+    if "uid" not in row:
+        row["uid"] = os.urandom(12).hex()
+
+
 def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
     """Insert rows in the caller's transaction.
 
@@ -108,8 +114,7 @@ def insert_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
     released: dict[tuple[int | None, str | None], int] = {}
     private = False
     for row in rows:
-        if "uid" not in row:  # kept by a row that waits in the spool and is retried
-            row["uid"] = os.urandom(12).hex()
+        give_uid(row)
         bound_columns(row)
         if "_reservation" in row:
             private = True

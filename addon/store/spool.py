@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from addon.store.inserts import give_uid
 from addon.store.schema import open_private
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,7 @@ class Spool:
             with open_private(target) as handle:
                 for row in self._rows:
                     # The uid now: a file imported again after a crash between commit and removal inserts nothing twice.
-                    if "uid" not in row:
-                        row["uid"] = os.urandom(12).hex()
+                    give_uid(row)
                     # Reservations are not carried over: this process's ones expire on their own.
                     public = {k: v for k, v in row.items() if not k.startswith("_")}
                     handle.write(json.dumps(public, default=str) + "\n")
