@@ -59,7 +59,6 @@ class Writer(QueueWorker[dict[str, Any]]):
         self.after_commit = after_commit
         self.on_drop = on_drop  # rows that will never be written (their reservations can go)
         self.spool = Spool(self.path, spool_limit)
-        self.spool_limit = self.spool.limit
         self.retry_interval = retry_interval
         # Seconds a batch waits for more rows (bounds what kill -9 can lose):
         # `linger` for a lone row, `busy_linger` while rows keep coming, where
@@ -84,7 +83,7 @@ class Writer(QueueWorker[dict[str, Any]]):
     def put(self, row: dict[str, Any]) -> None:
         # Bound memory even when the writer thread is stuck (a lock held
         # past the busy timeout): the queue counts against the spool.
-        if self.pending >= self.spool_limit * 2 + 1000:
+        if self.pending >= self.spool.limit * 2 + 1000:
             self.dropped += 1
             self._outage_dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
@@ -255,7 +254,7 @@ class Writer(QueueWorker[dict[str, Any]]):
                 "usage: cannot write to %s (%s); keeping up to %d rows in memory until it is back",
                 self.path,
                 reason,
-                self.spool_limit,
+                self.spool.limit,
             )
             self._healthy = False
         rows = list(batch)
@@ -267,7 +266,7 @@ class Writer(QueueWorker[dict[str, Any]]):
                 self.dropped += 1
                 self._outage_dropped += 1
                 if self._outage_dropped == 1 or self._outage_dropped % 1000 == 0:
-                    log.error("usage: spool full (%d rows); dropped %d rows so far", self.spool_limit, self.dropped)
+                    log.error("usage: spool full (%d rows); dropped %d rows so far", self.spool.limit, self.dropped)
 
     def _drop_connection(self) -> None:
         if self._db is not None:
