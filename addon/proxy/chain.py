@@ -97,14 +97,9 @@ class Chain:
                 setattr(self, event, _in_order(found))
 
     def _load_commands(self, loader) -> None:
+        # What mitmproxy does for the addons it walks itself (the members are not in its tree).
         for addon in self.members:
-            for attr in dir(type(addon)):
-                if attr.startswith("__"):
-                    continue
-                method = getattr(addon, attr)
-                name = getattr(method, "command_name", None)
-                if isinstance(name, str):
-                    loader.add_command(name, method)
+            loader.master.commands.collect_commands(addon)
 
 
 def _in_order(calls: list[Callable[..., Any]]) -> Callable[..., Any]:
