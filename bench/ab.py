@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import free_port, wait_port  # noqa: E402
 
-from bench import BIN, MIX, MIX_UNSTREAMED, STREAM_SSE, load, pin  # noqa: E402
+from bench import BIN, MIX, MIX_UNSTREAMED, STREAM_SSE, load, pin, stop_process  # noqa: E402
 
 
 def main() -> int:
@@ -106,13 +106,7 @@ def main() -> int:
                   + f"  (load average {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         for proc, _ in procs.values():
-            proc.send_signal(2)
-        for proc, _ in procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
         fake.terminate()
         fake.wait(10)
     median = {n: statistics.median(v) for n, v in per_call.items()}

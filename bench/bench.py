@@ -263,14 +263,19 @@ class Mitmdump:
         return times.user + times.system
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(2)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGINT (mitmdump writes its last rows), then kill after 20 s."""
+    if proc.poll() is None:
+        proc.send_signal(2)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def rows_in(db: Path) -> int:

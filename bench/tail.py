@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from conftest import free_port, wait_port  # noqa: E402
 
-from bench import BIN, STREAM_SSE, Connection, pin, request_bytes  # noqa: E402
+from bench import BIN, STREAM_SSE, Connection, pin, request_bytes, stop_process  # noqa: E402
 
 NEAR_LIMIT = 1_200_000
 NEAR_USED = 1_090_000  # 90.8 %: 110,000 left, room for 200 calls of ~530 estimated tokens in flight
@@ -192,13 +192,7 @@ def run_tail(workdir: Path, confdir: Path, cpus: set[int] | None, client_cpus: s
         results["near_used_percent_after"] = used_percent(workdir / "tail-addon-near.db")
     finally:
         for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(2)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         fake.terminate()
         fake.wait(10)
     return results
