@@ -51,7 +51,7 @@ _HANDOVER: dict[str, Call] = {}
 
 # Requests that open a door to spending elsewhere: an ephemeral Realtime key.
 REALTIME_DOORS = frozenset({"realtime.client_secrets", "realtime.sessions", "realtime.transcription_sessions"})
-__all__ = ["UPGRADE_CALL", "USAGE_ENDPOINTS", "Call", "RowListener", "UsageMeter"]
+__all__ = ["UPGRADE_CALL", "Call", "RowListener", "UsageMeter", "pool_of"]
 
 
 @dataclass(slots=True)
@@ -369,12 +369,11 @@ class UsageMeter:
         )
         if reader is not None and reader.error:
             call.extra["body_note"] = f"request {reader.error}; not fully parsed"
-        model = facts.model or endpoint.deployment
         assert self.matcher is not None and self.config is not None
         if endpoint.name in REALTIME_DOORS and facts.model is None:
             facts.model = _realtime_model(body_obj)
         model = facts.model or endpoint.deployment
-        call.pool = self.matcher.pool_for(model) if model or endpoint.name in USAGE_ENDPOINTS else None
+        call.pool = pool_of(self.matcher, model, endpoint.name)
         if endpoint.name == "batches":  # a batch's usage counts in the batch pool (its model's, when none)
             call.pool = self.config.batch_pool or (self.matcher.pool_for(model) if model else None)
         elif endpoint.name in REALTIME_DOORS:  # the key spends in the model's pool
@@ -505,6 +504,12 @@ def _realtime_model(body: Any) -> str | None:
         if isinstance(holder, dict) and isinstance(holder.get("model"), str):
             return holder["model"]
     return None
+
+
+def pool_of(matcher: PoolMatcher, model: str | None, endpoint: str) -> str | None:
+    """The pool a call counts in: its model's, the default pool for a usage-carrying call without a
+    model, none for the others (files, listings)."""
+    return matcher.pool_for(model) if model or endpoint in USAGE_ENDPOINTS else None
 
 
 def _header_map(headers: http.Headers) -> dict[str, str]:

@@ -21,9 +21,8 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from addon.metering import bounded, wire, ws_events
-from addon.metering.outcome import USAGE_ENDPOINTS
 from addon.proxy.limits import Limits, Refusal, refusal_error
-from addon.proxy.meter import UPGRADE_CALL, Call, UsageMeter
+from addon.proxy.meter import UPGRADE_CALL, Call, UsageMeter, pool_of
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +188,7 @@ class WebSocketMeter:
         upgrade = sock.upgrade
         model = facts.model
         matcher = self.meter.matcher
-        pool = matcher.pool_for(model) if matcher and (model or endpoint.name in USAGE_ENDPOINTS) else None
+        pool = pool_of(matcher, model, endpoint.name) if matcher else None
         return dataclasses.replace(
             upgrade, started=started, endpoint=endpoint, request=facts, pool=pool, streamed=True, stream=None,
             blocked=False, block_message=None, finished=False, extra={}, flow=None, transport="websocket",
