@@ -43,7 +43,7 @@ TICK_INTERVAL = 1.0  # alerts evaluation and reset pick-up
 RECENT_RESPONSES = 4096  # usage of the latest responses, for continuations before their rows land
 
 # An admission's waiter and what the ledger thread answered: a decision, or why it could not.
-Outcome = tuple["asyncio.Future[Decision]", Decision | None, BaseException | None]
+Answer = tuple["asyncio.Future[Decision]", Decision | None, BaseException | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,19 +220,19 @@ class Limits:
             decisions = ledger.admit_many([(checks, estimate if isinstance(estimate, int) else estimate(ledger))
                                            for checks, estimate, _ in batch])
         except BaseException as exc:
-            failed: list[Outcome] = [(waiter, None, exc) for _, _, waiter in batch]
+            failed: list[Answer] = [(waiter, None, exc) for _, _, waiter in batch]
             loop.call_soon_threadsafe(self._resolve, failed)
             return
-        decided: list[Outcome] = [(w, d, None) for (_, _, w), d in zip(batch, decisions, strict=True)]
+        decided: list[Answer] = [(w, d, None) for (_, _, w), d in zip(batch, decisions, strict=True)]
         loop.call_soon_threadsafe(self._resolve, decided)
         fresh = [d for d in decisions if not d.admitted and d.check is not None and self.alerts.note_exhausted(
             d.check.pool.name, d.check.key_id, d.window_start)]
         if fresh:  # the first refusal of a window: the pool is at 100%
             self._periodic("_evaluate_alerts", self._evaluate_alerts)
 
-    def _resolve(self, outcomes: list[Outcome]) -> None:
+    def _resolve(self, answers: list[Answer]) -> None:
         """Hand decisions to the waiting requests (event loop)."""
-        for waiter, decision, exc in outcomes:
+        for waiter, decision, exc in answers:
             if waiter.done():  # gave up waiting (timeout): give a late admission back
                 if decision is not None and decision.admitted and decision.owner is not None and self.ledger:
                     self.ledger.give_back(decision.reservation, decision.estimate, decision.owner)
