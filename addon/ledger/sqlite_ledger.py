@@ -33,8 +33,8 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -127,18 +127,9 @@ class Ledger:
         finally:
             db.conn.isolation_level = None
 
-    @contextmanager
-    def _immediate(self) -> Iterator[sqlite3.Connection]:
+    def _immediate(self) -> AbstractContextManager[sqlite3.Connection]:
         """A write transaction that takes the lock up front (waits, never fails on a stale snapshot)."""
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        return schema.immediate(self.db.conn)
 
     def _own_prefix(self, whole_process: bool = False) -> str:
         """The owner prefix of this ledger's reservation rows, or of those of every ledger this process had

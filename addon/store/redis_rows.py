@@ -236,14 +236,8 @@ def insert_collected(db: schema.sqlite_utils.Database, rows: list[dict[str, Any]
     if not rows:
         return 0
     before = db.conn.total_changes
-    db.conn.execute("BEGIN IMMEDIATE")
-    try:
+    with schema.immediate(db.conn):
         db.table("requests").insert_all(rows, ignore=True, columns=schema.REQUEST_COLUMNS, alter=False)
-        db.conn.commit()
-    except BaseException:
-        if db.conn.in_transaction:
-            db.conn.rollback()
-        raise
     return db.conn.total_changes - before
 
 

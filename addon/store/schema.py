@@ -11,6 +11,8 @@ import os
 import sqlite3
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlite_utils
@@ -284,13 +286,25 @@ def _apply_all(db: sqlite_utils.Database) -> None:
     if db.conn.in_transaction:  # the caller's transaction: its own lock (each migration in a savepoint)
         MIGRATIONS.apply(db)
         return
-    db.conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(db.conn):
         MIGRATIONS.apply(db)  # reads what is pending again, under the lock
-        db.conn.commit()
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction that takes the write lock up front, committed at the end, rolled back on any error.
+
+    A deferred BEGIN that reads and then writes fails at once ("database is
+    locked") when another process (a ledger, a second proxy) wrote in
+    between; IMMEDIATE waits for the lock (busy timeout) instead.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.commit()
     except BaseException:
-        if db.conn.in_transaction:
-            db.conn.rollback()
+        if conn.in_transaction:
+            conn.rollback()
         raise
 
 

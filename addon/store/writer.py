@@ -19,7 +19,7 @@ from typing import Any
 import sqlite_utils
 
 from addon.store.inserts import insert_rows, sanitize_row
-from addon.store.schema import connect, is_transient, migrate, moved
+from addon.store.schema import connect, immediate, is_transient, migrate, moved
 from addon.store.spool import Spool
 from addon.worker import QueueWorker
 
@@ -194,18 +194,8 @@ class Writer(QueueWorker[dict[str, Any]]):
         self.spool.committed()  # rows saved by an earlier run are committed now
 
     def _commit(self, db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
-        # One transaction per batch (insert_all alone commits every 500 rows),
-        # write lock first: a deferred BEGIN that reads the schema and then
-        # writes fails at once ("database is locked") when another process
-        # (a ledger, a second proxy) wrote in between; IMMEDIATE waits instead.
-        db.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(db.conn):  # one transaction per batch, the write lock first
             insert_rows(db, rows)
-            db.conn.commit()
-        except BaseException:
-            if db.conn.in_transaction:
-                db.conn.rollback()
-            raise
         self.written += len(rows)
         if self.after_commit:
             try:
