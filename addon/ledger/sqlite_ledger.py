@@ -41,7 +41,7 @@ from typing import Any
 
 import sqlite_utils
 
-from addon.config import Config, Pool
+from addon.config import Config
 from addon.ledger import pool_status, reservations
 from addon.ledger.counters import Counter, WindowCounters
 from addon.ledger.estimate import PreviousUsage
@@ -388,10 +388,6 @@ class Ledger:
         if row is None:
             return None
         return PreviousUsage(int(row[0] or 0), int(row[1] or 0))
-
-    def effective_start(self, pool: Pool, key_id: str | None, now: datetime) -> tuple[datetime, datetime, datetime]:
-        """(counting start, window end, window start) with resets applied."""
-        return self.counters.bounds(pool, key_id, now)
 
     def add_reset(self, pool: str, key_id: str | None = None, note: str | None = None) -> str:
         return record_reset(self.db.conn, pool, key_id, note, self.clock())
